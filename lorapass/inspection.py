@@ -1,0 +1,85 @@
+"""Dry run: list every site of a graph, which rule hits it, and which adapter modules fit nothing."""
+
+from __future__ import annotations
+
+import difflib
+import os
+from dataclasses import asdict, dataclass, field
+
+from lorapass.adapter import Adapter
+from lorapass.errors import LorapassError
+from lorapass.onnx.load import load_model
+from lorapass.onnx.sites import SiteReport, find_sites
+from lorapass.plan import check_adapter, plan
+from lorapass.rules import LoraRule, RuleSet
+
+
+@dataclass
+class Inspection:
+    """Sites with the rule that hits each, plus every problem a rewrite would stop on."""
+
+    model: str
+    report: SiteReport
+    hits: dict[str, dict] = field(default_factory=dict)  # site path -> {"rule", "r", "alpha", "scale"}
+    problems: list[str] = field(default_factory=list)
+    unmatched_adapter_modules: dict[str, str | None] = field(default_factory=dict)  # module -> closest site
+
+    def to_dict(self) -> dict:
+        return {
+            "model": self.model,
+            "prefix": self.report.prefix,
+            "prefix_source": self.report.prefix_source,
+            "output_heads": self.report.output_heads,
+            "unresolved_nodes": self.report.unresolved,
+            "sites": [asdict(s) | {"target": self.hits.get(s.path)} for s in self.report.sites],
+            "unmatched_adapter_modules": self.unmatched_adapter_modules,
+            "problems": self.problems,
+        }
+
+
+def inspect_model(model: str | os.PathLike, adapter: Adapter | None = None, rules: LoraRule | RuleSet | None = None,
+                  prefix: str | None = None) -> Inspection:
+    """Find the sites of ``model`` and, given rules or an adapter, what a rewrite would target."""
+    report = find_sites(load_model(model), prefix=prefix, wanted=adapter.modules if adapter else ())
+    result = Inspection(str(model), report)
+    paths = list(dict.fromkeys(s.path for s in report.sites))
+    if adapter is not None:
+        for module in adapter.modules:
+            if module not in paths:
+                close = difflib.get_close_matches(module, paths, n=1, cutoff=0.6)
+                result.unmatched_adapter_modules[module] = close[0] if close else None
+    rules = rules if rules is not None else (adapter.rule if adapter is not None else None)
+    if rules is None:
+        return result
+    try:
+        targets = plan(report.sites, rules, report.output_heads)
+    except LorapassError as exc:
+        result.problems.append(str(exc))
+        return result
+    for t in targets:
+        result.hits[t.site.path] = {"rule": t.rule.name, "r": t.params.r, "alpha": t.params.alpha, "scale": t.params.scale}
+    if adapter is not None:
+        try:
+            check_adapter(targets, adapter, paths)
+        except LorapassError as exc:
+            result.problems.append(str(exc))
+    return result
+
+
+def format_table(result: Inspection) -> str:
+    """A plain-text table of the sites, then the problems."""
+    rep = result.report
+    lines = [f"{result.model}: {len(rep.sites)} sites, prefix {rep.prefix!r} ({rep.prefix_source})"]
+    rows = [("path", "op", "layout", "in->out", "dtype", "named by", "target")]
+    for s in rep.sites:
+        hit = result.hits.get(s.path)
+        target = f"{hit['rule']} r={hit['r']} alpha={hit['alpha']:g} scale={hit['scale']:.4g}" if hit else "-"
+        rows.append((s.path, s.op, s.layout, f"{s.in_features}->{s.out_features}", s.dtype, s.source, target))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    lines += ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
+    if rep.unresolved:
+        lines.append(f"unnamed linear nodes (not targeted): {', '.join(rep.unresolved)}")
+    for module, close in result.unmatched_adapter_modules.items():
+        lines.append(f"adapter module {module!r} matches no site" + (f" (closest: {close!r})" if close else ""))
+    lines += [f"problem: {p}" for p in result.problems]
+    return "\n".join(lines)

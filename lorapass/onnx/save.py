@@ -1,0 +1,143 @@
+"""Write a rewritten model atomically, streaming one tensor at a time.
+
+External data is copied file by file (a kernel copy that never enters this process), then every
+tensor the rewrite replaced is computed and written on its own: into its old slot when it has the
+same size (merge), else appended, aligned, to the output's data file. Tensors stay inline when the
+input kept them inline. Everything goes to temporary files first and is renamed into place only
+once complete, data before the model; on failure the temporaries are removed and nothing is left.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import onnx_ir as ir
+from tqdm import tqdm
+
+from lorapass.errors import ModelError
+
+REPLACES = "lorapass.replaces"
+"""``Value.meta`` key: the ExternalTensor a rewritten tensor replaces (its slot may be reused)."""
+
+_INLINE_LIMIT = 1024
+_ALIGN = 4096
+_PROTO_LIMIT = 2**31 - 1
+
+
+@dataclass
+class SaveStats:
+    """What the writer did: bytes it wrote (data and model) and how many tensors it computed."""
+
+    bytes_written: int = 0
+    tensors_written: int = 0
+
+
+@dataclass
+class _DataFile:
+    name: str  # final location, relative to the output folder
+    tmp: Path
+    size: int
+
+
+def _data_names(locations: list[str], out: Path) -> dict[str, str]:
+    if len(locations) == 1:
+        return {locations[0]: f"{out.name}.data"}
+    return {loc: f"{out.name}.{loc.replace('/', '_').replace(os.sep, '_')}" for loc in locations}
+
+
+@contextmanager
+def _temporaries() -> Iterator[list[Path]]:
+    made: list[Path] = []
+    try:
+        yield made
+    except BaseException:
+        for path in made:
+            path.unlink(missing_ok=True)
+        raise
+
+
+def save_model(model: ir.Model, source: str | os.PathLike, out: str | os.PathLike, progress: bool | None = None) -> SaveStats:
+    """Save ``model`` (loaded from ``source``) to ``out`` without ever touching the source files."""
+    source, out = Path(source).resolve(), Path(out).resolve()
+    if out == source:
+        raise ModelError(f"{out}: the output must not overwrite the input model")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    initializers = list(model.graph.initializers.values())
+    external = [v for v in initializers if isinstance(v.const_value, ir.ExternalTensor)]
+    replaced = [v for v in initializers if REPLACES in v.meta and isinstance(v.meta[REPLACES], ir.ExternalTensor)]
+    locations = list(dict.fromkeys([v.const_value.location for v in external] + [v.meta[REPLACES].location for v in replaced]))
+    names = _data_names(locations, out)
+    inputs = {(source.parent / loc).resolve() for loc in locations} | {source}
+    for name in names.values():
+        if (out.parent / name).resolve() in inputs:
+            raise ModelError(f"{out}: its data file {name!r} would overwrite an input file")
+    stats = SaveStats()
+    pid = os.getpid()
+    with _temporaries() as made:
+        files: dict[str, _DataFile] = {}
+        for loc, name in names.items():
+            tmp = out.parent / f".{name}.tmp-{pid}"
+            made.append(tmp)
+            shutil.copyfile(source.parent / loc, tmp)
+            files[loc] = _DataFile(name, tmp, tmp.stat().st_size)
+            stats.bytes_written += files[loc].size
+        for value in external:
+            t = value.const_value
+            value.const_value = _external(files[t.location], t.offset or 0, t.length or t.nbytes, t, out.parent)
+        pending = [v for v in initializers if not isinstance(v.const_value, ir.ExternalTensor)]
+        primary = files[locations[0]] if locations else None
+        computed = [v for v in pending if not isinstance(v.const_value, ir.Tensor) or REPLACES in v.meta]
+        bar = tqdm(total=len(computed), desc="writing tensors", unit="tensor", disable=None if progress is None else not progress)
+        for value in pending:
+            _write_tensor(value, files, primary, out.parent, stats, bar if value in computed else None)
+        bar.close()
+        proto = ir.to_proto(model)
+        if proto.ByteSize() > _PROTO_LIMIT:
+            raise ModelError(f"{out}: the model proto would exceed 2 GB; write the input with external data")
+        tmp_model = out.parent / f".{out.name}.tmp-{pid}"
+        made.append(tmp_model)
+        data = proto.SerializeToString()
+        tmp_model.write_bytes(data)
+        stats.bytes_written += len(data)
+        for f in files.values():
+            os.replace(f.tmp, out.parent / f.name)
+        os.replace(tmp_model, out)
+    return stats
+
+
+def _external(file: _DataFile, offset: int, length: int, like: ir.TensorProtocol, folder: Path) -> ir.ExternalTensor:
+    return ir.ExternalTensor(file.name, offset, length, like.dtype, shape=like.shape, name=like.name, base_dir=folder)
+
+
+def _write_tensor(value: ir.Value, files: dict[str, _DataFile], primary: _DataFile | None, folder: Path,
+                  stats: SaveStats, bar: tqdm | None) -> None:
+    tensor = value.const_value
+    old = value.meta.get(REPLACES)
+    if isinstance(old, ir.ExternalTensor) and old.nbytes == tensor.nbytes:
+        file, offset = files[old.location], old.offset or 0
+    elif primary is not None and tensor.nbytes >= _INLINE_LIMIT:
+        file = primary
+        offset = -(-file.size // _ALIGN) * _ALIGN
+    else:
+        if not isinstance(tensor, ir.Tensor):  # materialise a lazy tensor into an inline one
+            value.const_value = ir.Tensor(tensor.numpy(), name=value.name)
+        value.meta.pop(REPLACES, None)
+        if bar is not None:
+            bar.update()
+        return
+    data = tensor.tobytes()
+    with open(file.tmp, "r+b") as f:
+        f.seek(offset)
+        f.write(data)
+    file.size = max(file.size, offset + len(data))
+    stats.bytes_written += len(data)
+    stats.tensors_written += 1
+    value.const_value = _external(file, offset, len(data), tensor, folder)
+    value.meta.pop(REPLACES, None)
+    if bar is not None:
+        bar.update()
