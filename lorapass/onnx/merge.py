@@ -46,6 +46,7 @@ def _merged(weight: ir.TensorProtocol, update: np.ndarray, layout: str, name: st
     def compute() -> ir.Tensor:
         w = weight.numpy()
         result = (w.astype(np.float32) + (update if layout == "out_in" else update.T)).astype(w.dtype)
+        del w  # drop the view on the memory map so it can be closed
         if isinstance(weight, ir.ExternalTensor):
             weight.release()
         return ir.Tensor(result, name=name)
