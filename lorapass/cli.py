@@ -76,6 +76,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except LorapassError as exc:
         print(f"lorapass: error: {exc}", file=sys.stderr)
         return 2
+    except OSError as exc:  # the machine's fault (disk full, permissions), not the input's
+        print(f"lorapass: error: {exc}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

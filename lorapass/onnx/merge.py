@@ -4,22 +4,83 @@ from __future__ import annotations
 
 from collections import defaultdict
 
+import ml_dtypes
 import numpy as np
 import onnx_ir as ir
 
 from lorapass.adapter import Adapter
 from lorapass.onnx.save import REPLACES
 from lorapass.plan import Target
-from lorapass.site import Site
 
 _SEE_THROUGH = {"Identity", "Transpose"}
 
 
-def delta(adapter: Adapter, target: Target) -> np.ndarray:
-    """scale · B @ A in float32, shaped [out, in] (torch.nn.Linear's layout)."""
+def factors(adapter: Adapter, target: Target, layout: str) -> tuple[np.ndarray, np.ndarray]:
+    """(L, R) in float32 with L @ R = the update in ``layout``: scale·B @ A for [out, in], its transpose for [in, out]."""
     a = adapter.tensor(target.site.path, "lora_A")
     b = adapter.tensor(target.site.path, "lora_B")
-    return (b @ a) * np.float32(target.params.scale)
+    scale = np.float32(target.params.scale)
+    if layout == "out_in":
+        return np.ascontiguousarray(b * scale), a
+    return np.ascontiguousarray(a.T * scale), np.ascontiguousarray(b.T)
+
+
+def delta(adapter: Adapter, target: Target) -> np.ndarray:
+    """scale · B @ A in float32, shaped [out, in] (torch.nn.Linear's layout)."""
+    left, right = factors(adapter, target, "out_in")
+    return left @ right
+
+
+_BLOCK = 1 << 21  # elements per block: W, its update and the float32 sum stay in cache
+
+
+def fold(w: np.ndarray, left: np.ndarray, right: np.ndarray) -> np.ndarray:
+    """W + left @ right, computed in float32 block by block and cast back to W's dtype (round to nearest even).
+
+    Uses torch's kernels when torch is installed (about 10x numpy's on fp16/bf16 weights), else numpy;
+    both give the same bits.
+    """
+    rows = max(1, _BLOCK // max(1, w.shape[1]))
+    try:
+        import torch
+    except ImportError:
+        return _fold_numpy(w, left, right, rows)
+    return _fold_torch(torch, w, left, right, rows)
+
+
+def _fold_numpy(w: np.ndarray, left: np.ndarray, right: np.ndarray, rows: int) -> np.ndarray:
+    out = np.empty_like(w)
+    for start in range(0, w.shape[0], rows):
+        update = left[start:start + rows] @ right
+        update += w[start:start + rows]
+        out[start:start + rows] = update
+    return out
+
+
+def _fold_torch(torch, w: np.ndarray, left: np.ndarray, right: np.ndarray, rows: int) -> np.ndarray:
+    bf16 = w.dtype == ml_dtypes.bfloat16  # numpy has no bfloat16: cross over as raw 16-bit words
+    weight = torch.from_numpy(w.view(np.uint16)).view(torch.bfloat16) if bf16 else torch.from_numpy(w)
+    lhs, rhs = torch.from_numpy(left), torch.from_numpy(right)
+    out = torch.empty_like(weight)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # blocks this small are memory-bound; a busy second core stalls a thread pool
+    try:
+        for start in range(0, w.shape[0], rows):
+            block = weight[start:start + rows].to(torch.float32, copy=True)  # never write into W itself
+            block.addmm_(lhs[start:start + rows], rhs)
+            out[start:start + rows] = block
+    finally:
+        torch.set_num_threads(threads)
+    return out.view(torch.uint16).numpy().view(ml_dtypes.bfloat16) if bf16 else out.numpy()
+
+
+def read(tensor: ir.TensorProtocol) -> np.ndarray:
+    """The tensor's values; external data is read with plain sequential reads (faster than faulting in a mmap)."""
+    if not isinstance(tensor, ir.ExternalTensor):
+        return tensor.numpy()
+    dtype = np.dtype(tensor.dtype.numpy()).newbyteorder("<")
+    array = np.fromfile(tensor.path, dtype=dtype, count=tensor.size, offset=tensor.offset or 0)
+    return array.reshape(tensor.shape.numpy())
 
 
 def _readers(value: ir.Value) -> set[ir.Node]:
@@ -39,19 +100,13 @@ def _node_operand_layout(node: ir.Node) -> str:
     return "out_in" if trans_b else "in_out"
 
 
-def _merged(weight: ir.TensorProtocol, update: np.ndarray, layout: str, name: str) -> ir.LazyTensor:
-    """A tensor computed only when written: (W in float32 + update) cast back to W's dtype."""
-    shape, dtype = weight.shape, weight.dtype
+def _merged(weight: ir.TensorProtocol, adapter: Adapter, target: Target, layout: str, name: str) -> ir.LazyTensor:
+    """A tensor computed only when written, so one merged weight is in memory at a time."""
 
     def compute() -> ir.Tensor:
-        w = weight.numpy()
-        result = (w.astype(np.float32) + (update if layout == "out_in" else update.T)).astype(w.dtype)
-        del w  # drop the view on the memory map so it can be closed
-        if isinstance(weight, ir.ExternalTensor):
-            weight.release()
-        return ir.Tensor(result, name=name)
+        return ir.Tensor(fold(read(weight), *factors(adapter, target, layout)), name=name)
 
-    return ir.LazyTensor(compute, dtype, shape, name=name)
+    return ir.LazyTensor(compute, weight.dtype, weight.shape, name=name)
 
 
 def merge(model: ir.Model, targets: list[Target], adapter: Adapter) -> int:
@@ -71,27 +126,26 @@ def merge(model: ir.Model, targets: list[Target], adapter: Adapter) -> int:
         paths = {t.site.path for t in group}
         value = graph.initializers[weight_name]
         group_nodes = {nodes[t.site.node] for t in group}
-        update = delta(adapter, group[0])
         if len(paths) == 1 and _readers(value) <= group_nodes and not value.is_graph_input():
             original = value.const_value
-            value.const_value = _merged(original, update, group[0].site.layout, weight_name)
+            value.const_value = _merged(original, adapter, group[0], group[0].site.layout, weight_name)
             value.meta[REPLACES] = original
             changed += 1
             continue
         for target in group:  # copy-on-write, one new weight per site, in the layout its node reads
-            changed += _copy_on_write(graph, nodes[target.site.node], value.const_value, target.site,
-                                      delta(adapter, target))
+            changed += _copy_on_write(graph, nodes[target.site.node], value.const_value, target, adapter)
     return changed
 
 
-def _copy_on_write(graph: ir.Graph, node: ir.Node, weight: ir.TensorProtocol, site: Site, update: np.ndarray) -> int:
+def _copy_on_write(graph: ir.Graph, node: ir.Node, weight: ir.TensorProtocol, target: Target, adapter: Adapter) -> int:
+    site = target.site
     layout = _node_operand_layout(node)
     source = weight
     if layout != site.layout:  # the node reads W through a Transpose: store the new weight pre-transposed
         source = ir.Tensor(weight.numpy().T.copy(), name=weight.name)
     name = _unique(graph, f"{site.path}.weight")
     new = ir.Value(name=name, shape=ir.Shape(source.shape), type=ir.TensorType(source.dtype),
-                   const_value=_merged(source, update, layout, name))
+                   const_value=_merged(source, adapter, target, layout, name))
     graph.register_initializer(new)
     node.replace_input_with(1, new)
     return 1

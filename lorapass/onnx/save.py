@@ -16,6 +16,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import onnx_ir as ir
 from tqdm import tqdm
 
@@ -83,9 +84,10 @@ def save_model(model: ir.Model, source: str | os.PathLike, out: str | os.PathLik
         for loc, name in names.items():
             tmp = out.parent / f".{name}.tmp-{pid}"
             made.append(tmp)
-            shutil.copyfile(source.parent / loc, tmp)
+            slots = [(v.meta[REPLACES].offset or 0, v.meta[REPLACES].nbytes) for v in replaced
+                     if v.meta[REPLACES].location == loc and v.meta[REPLACES].nbytes == v.const_value.nbytes]
+            stats.bytes_written += _copy_except(source.parent / loc, tmp, slots)
             files[loc] = _DataFile(name, tmp, tmp.stat().st_size)
-            stats.bytes_written += files[loc].size
         for value in external:
             t = value.const_value
             value.const_value = _external(files[t.location], t.offset or 0, t.length or t.nbytes, t, out.parent)
@@ -110,6 +112,24 @@ def save_model(model: ir.Model, source: str | os.PathLike, out: str | os.PathLik
     return stats
 
 
+def _copy_except(src: Path, dst: Path, slots: list[tuple[int, int]]) -> int:
+    """Copy ``src`` to ``dst`` in the kernel, skipping the byte ranges that will be rewritten anyway."""
+    if not slots:
+        shutil.copyfile(src, dst)
+        return dst.stat().st_size
+    size, copied, pos = src.stat().st_size, 0, 0
+    with open(src, "rb") as fin, open(dst, "wb") as fout:
+        fout.truncate(size)
+        for start, stop in sorted((o, o + n) for o, n in slots) + [(size, size)]:
+            while pos < start:
+                n = os.copy_file_range(fin.fileno(), fout.fileno(), start - pos, pos, pos)
+                if n == 0:
+                    raise ModelError(f"{src}: shorter than its tensors say")
+                pos, copied = pos + n, copied + n
+            pos = max(pos, stop)
+    return copied
+
+
 def _external(file: _DataFile, offset: int, length: int, like: ir.TensorProtocol, folder: Path) -> ir.ExternalTensor:
     return ir.ExternalTensor(file.name, offset, length, like.dtype, shape=like.shape, name=like.name, base_dir=folder)
 
@@ -130,7 +150,8 @@ def _write_tensor(value: ir.Value, files: dict[str, _DataFile], primary: _DataFi
         if bar is not None:
             bar.update()
         return
-    data = tensor.tobytes()
+    array = tensor.numpy()
+    data = memoryview(np.ascontiguousarray(array).reshape(-1).view(np.uint8))
     with open(file.tmp, "r+b") as f:
         f.seek(offset)
         f.write(data)
@@ -138,6 +159,7 @@ def _write_tensor(value: ir.Value, files: dict[str, _DataFile], primary: _DataFi
     stats.bytes_written += len(data)
     stats.tensors_written += 1
     value.const_value = _external(file, offset, len(data), tensor, folder)
+    del array, data
     value.meta.pop(REPLACES, None)
     if bar is not None:
         bar.update()

@@ -1,0 +1,336 @@
+"""Declarative LoRA targeting with PEFT's exact semantics (checked against peft 0.21).
+
+A :class:`LoraRule` says which linear sites of a graph get LoRA and with which rank, alpha and scale. Matching
+reproduces ``peft.tuners.tuners_utils.check_target_module_exists`` and ``BaseTuner.inject_adapter`` on module paths
+relative to the PEFT model root (``model.layers.0.self_attn.q_proj``):
+
+* ``exclude_modules`` first: a string is ``re.fullmatch``-ed, a list entry matches equal or ``"." + entry`` suffix.
+* ``target_modules`` as a string is ``re.fullmatch``-ed (``"q_proj"`` alone matches nothing); ``"all-linear"``
+  (any case) means every linear site except the output heads. As a list, an exact path matches at once
+  (``layers_to_transform`` is not applied), otherwise a ``"." + entry`` suffix matches and ``layers_to_transform``
+  filters by the first ``<name>.<index>.`` segment (``<layers_pattern>.<index>.`` when given). Paths without an
+  index never match then.
+* PEFT condenses a list of 20 or more entries into minimal suffixes before matching; with ``layers_to_transform``
+  this changes whether exact paths bypass the layer filter, so :meth:`LoraRule.select` does the same, using the
+  site paths, their ancestors and the heads as the model's module names.
+* ``rank_pattern``/``alpha_pattern``: the first key (in order) with ``re.match(rf"(.*\\.)?({key})$", path)`` wins.
+
+:meth:`LoraRule.from_peft_config` refuses (``UnsupportedError``) what a plain ``W += scale * B @ A`` merge would
+get silently wrong: ``peft_type`` other than LORA, ``use_dora``, ``bias`` other than "none", ``lora_bias``,
+``modules_to_save``, ``target_parameters``, ``layer_replication``, ``trainable_token_indices``,
+``alora_invocation_tokens`` (aLoRA), ``use_qalora``, ``use_bdlora``, ``arrow_config``, ``kasa_config``,
+``monteclora_config``, ``init_lora_weights`` of pissa*/olora/corda/loftq/lora_ga (the adapter is relative to a
+modified base weight), and a missing ``target_modules`` (PEFT would pick per-architecture defaults).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from collections.abc import Callable, Collection, Sequence
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from lorapass.errors import AdapterError, RuleError, UnsupportedError
+
+ALL_LINEAR = "all-linear"
+PEFT_CONFIG = "adapter_config.json"
+_CONDENSE_AT = 20  # PEFT's MIN_TARGET_MODULES_FOR_OPTIMIZATION
+_RESIDUAL_INITS = ("olora", "corda", "loftq", "lora_ga")
+_PEFT_FIELDS = ("r", "lora_alpha", "target_modules", "exclude_modules", "layers_to_transform", "layers_pattern",
+                "rank_pattern", "alpha_pattern", "use_rslora", "fan_in_fan_out")
+
+
+def _given(value: Any) -> bool:
+    return value is not None
+
+
+_UNSUPPORTED: tuple[tuple[str, Callable[[Any], bool], str], ...] = (
+    ("peft_type", lambda v: v is not None and v != "LORA", "only LoRA adapters are supported"),
+    ("use_dora", bool, "DoRA rescales every output row by a learned magnitude"),
+    ("bias", lambda v: v not in (None, "none"), "the adapter also trains the base layers' biases"),
+    ("lora_bias", bool, "LoRA B carries a bias"),
+    ("modules_to_save", bool, "whole modules are replaced by trained copies"),
+    ("target_parameters", bool, "LoRA on bare parameters (e.g. MoE expert tensors)"),
+    ("layer_replication", bool, "layers are replicated"),
+    ("trainable_token_indices", bool, "embedding rows are trained"),
+    ("alora_invocation_tokens", bool, "aLoRA only applies after its invocation tokens"),
+    ("use_qalora", bool, "QALoRA feeds pooled inputs to A"),
+    ("use_bdlora", _given, "BD-LoRA uses block-diagonal factors"),
+    ("arrow_config", _given, "Arrow routes tokens among adapters"),
+    ("kasa_config", _given, "KaSA truncates the base weight and scales B @ A by a learned diagonal"),
+    ("monteclora_config", _given, "MonteCLoRA samples the adapter"),
+    ("init_lora_weights", lambda v: isinstance(v, str) and (v.startswith("pissa") or v in _RESIDUAL_INITS),
+     "the adapter is relative to a modified base weight (save it with path_initial_model_for_weight_conversion)"),
+    ("target_modules", lambda v: v is None, "PEFT would choose per-architecture defaults"),
+)
+
+
+class LoraParams(BaseModel, frozen=True):
+    """What one site gets."""
+
+    r: int
+    alpha: float
+    scale: float  # alpha / r, or alpha / sqrt(r) with use_rslora
+
+
+class LoraRule(BaseModel):
+    """Which linear sites get LoRA, and with which rank and alpha (PEFT ``LoraConfig`` semantics)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = "lora"
+    target_modules: list[str] | str | None = None
+    exclude_modules: list[str] | str | None = None
+    layers_to_transform: int | list[int] | None = None
+    layers_pattern: str | list[str] | None = None
+    r: int = Field(8, gt=0)
+    lora_alpha: float = 8
+    rank_pattern: dict[str, int] = {}
+    alpha_pattern: dict[str, float] = {}
+    use_rslora: bool = False
+    fan_in_fan_out: bool = False
+    strategy: Literal["merge", "dynamic"] = "merge"
+    fuse_shared_inputs: bool = True
+
+    @field_validator("target_modules", "exclude_modules")
+    @classmethod
+    def _regex_compiles(cls, value: list[str] | str | None) -> list[str] | str | None:
+        if isinstance(value, str) and value.lower() != ALL_LINEAR:
+            _compile(value)
+        return value
+
+    @field_validator("layers_pattern")
+    @classmethod
+    def _patterns_compile(cls, value: str | list[str] | None) -> str | list[str] | None:
+        for pattern in [value] if isinstance(value, str) else value or ():
+            _compile(pattern)
+        return value
+
+    @field_validator("rank_pattern", "alpha_pattern")
+    @classmethod
+    def _keys_compile(cls, value: dict[str, Any]) -> dict[str, Any]:
+        for key in value:
+            _compile(key)
+        return value
+
+    @field_validator("rank_pattern")
+    @classmethod
+    def _ranks_positive(cls, value: dict[str, int]) -> dict[str, int]:
+        bad = {k: r for k, r in value.items() if r <= 0}
+        if bad:
+            raise ValueError(f"ranks must be > 0, got {bad}")
+        return value
+
+    @model_validator(mode="after")
+    def _consistent(self) -> LoraRule:
+        if self.target_modules is None:
+            raise ValueError("target_modules is required (a suffix list, a regex string or 'all-linear')")
+        if isinstance(self.target_modules, str):
+            for field in ("layers_to_transform", "layers_pattern"):
+                if getattr(self, field) is not None:
+                    raise ValueError(f"{field} cannot be used when target_modules is a string")
+        if self.layers_pattern and self.layers_to_transform is None:
+            raise ValueError("layers_pattern needs layers_to_transform")
+        return self
+
+    @property
+    def all_linear(self) -> bool:
+        return isinstance(self.target_modules, str) and self.target_modules.lower() == ALL_LINEAR
+
+    def matches(self, path: str, all_linear_suffixes: frozenset[str] | None = None) -> bool:
+        """Whether PEFT targets ``path``; "all-linear" needs its expansion (PEFT's resolved target_modules)."""
+        targets = self.target_modules
+        if self.all_linear:
+            if all_linear_suffixes is None:
+                raise RuleError(f"rule {self.name!r}: 'all-linear' needs the graph's linear layers; use select()")
+            targets = all_linear_suffixes
+        return self._matches(path, targets)
+
+    def params(self, path: str) -> LoraParams:
+        """Rank, alpha and scale of ``path`` after rank_pattern/alpha_pattern, as PEFT resolves them."""
+        r = _pattern_value(self.rank_pattern, path, self.r)
+        alpha = _pattern_value(self.alpha_pattern, path, self.lora_alpha)
+        scale = alpha / math.sqrt(r) if self.use_rslora else alpha / r
+        return LoraParams(r=r, alpha=alpha, scale=scale)
+
+    def select(self, paths: Sequence[str], output_heads: Collection[str] = ()) -> dict[str, LoraParams]:
+        """The sites among ``paths`` this rule targets, in order; RuleError if none."""
+        targets = self._targets(paths, output_heads)
+        chosen = {path: self.params(path) for path in paths if self._matches(path, targets)}
+        if not chosen:
+            raise RuleError(f"rule {self.name!r} selects none of the {len(paths)} linear sites "
+                            f"(target_modules={self.target_modules!r}; sites look like {_examples(paths)})")
+        return chosen
+
+    @classmethod
+    def from_peft_config(cls, config: dict[str, Any] | str | Path) -> LoraRule:
+        """The rule of a PEFT ``adapter_config.json`` (a dict, the file, or its directory); unknown keys ignored."""
+        if isinstance(config, dict):
+            source, name, data = "adapter config", "lora", config
+        else:
+            file = Path(config)
+            file = file / PEFT_CONFIG if file.is_dir() else file
+            source, name = str(file), file.parent.name or "lora"
+            try:
+                data = json.loads(file.read_text(encoding="utf-8"))
+            except OSError as err:
+                raise AdapterError(f"{file}: cannot read the adapter config ({err.strerror or err})") from err
+            except ValueError as err:
+                raise AdapterError(f"{file}: the adapter config is not valid JSON ({err})") from err
+            if not isinstance(data, dict):
+                raise AdapterError(f"{file}: the adapter config is not a JSON object")
+        for key, unsupported, why in _UNSUPPORTED:
+            if unsupported(data.get(key)):
+                raise UnsupportedError(f"{source}: {key}={data.get(key)!r} is not supported: {why}")
+        fields = {key: data[key] for key in _PEFT_FIELDS if key in data}
+        for key in ("rank_pattern", "alpha_pattern"):
+            fields[key] = fields.get(key) or {}
+        return _validated(cls, {"name": name, **fields}, source)
+
+    @classmethod
+    def from_yaml(cls, path: str | Path) -> LoraRule:
+        """One rule mapping from a YAML file."""
+        return _validated(cls, _load_yaml(path), str(path))
+
+    def _targets(self, paths: Sequence[str], output_heads: Collection[str]) -> str | Collection[str]:
+        """target_modules as PEFT's inject_adapter resolves them for a model with these linear sites."""
+        if self.all_linear:
+            return set(paths) - set(output_heads)
+        targets = self.target_modules
+        if not isinstance(targets, str) and len(set(targets)) >= _CONDENSE_AT and self._uses_layers():
+            targets = _condense(targets, _module_names([*paths, *output_heads]))
+        return targets
+
+    def _matches(self, path: str, targets: str | Collection[str]) -> bool:
+        excluded = self.exclude_modules
+        if excluded:
+            if isinstance(excluded, str):
+                if re.fullmatch(excluded, path):
+                    return False
+            elif path in excluded or any(path.endswith("." + entry) for entry in excluded):
+                return False
+        if isinstance(targets, str):
+            return re.fullmatch(targets, path) is not None
+        if path in targets:
+            return True
+        return any(path.endswith("." + entry) for entry in targets) and self._in_layers(path)
+
+    def _uses_layers(self) -> bool:
+        return self.layers_to_transform is not None and self.layers_to_transform != []
+
+    def _in_layers(self, path: str) -> bool:
+        if not self._uses_layers():
+            return True
+        if not self.layers_pattern:
+            found = re.match(r".*?\.[^.]*\.(?P<idx>\d+)\.", path)
+        else:
+            patterns = [self.layers_pattern] if isinstance(self.layers_pattern, str) else self.layers_pattern
+            found = next((m for p in patterns if (m := re.match(rf"(?:^|.*?\.){p}\.(?P<idx>\d+)\.", path))), None)
+        if found is None:
+            return False
+        index = int(found.group("idx"))
+        layers = self.layers_to_transform
+        return index == layers if isinstance(layers, int) else index in layers
+
+
+class RuleSet(BaseModel):
+    """Several rules; the first rule that matches a site wins."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    rules: list[LoraRule] = Field(min_length=1)
+
+    @classmethod
+    def from_yaml(cls, path: str | Path) -> RuleSet:
+        """A YAML file holding one rule mapping or ``{rules: [...]}``."""
+        data = _load_yaml(path)
+        if isinstance(data, dict) and "rules" not in data:
+            data = {"rules": [data]}
+        return _validated(cls, data, str(path))
+
+    def select(self, paths: Sequence[str],
+               output_heads: Collection[str] = ()) -> dict[str, tuple[LoraRule, LoraParams]]:
+        """Each targeted site with the first rule matching it; RuleError naming a rule that selects nothing."""
+        chosen: dict[str, tuple[LoraRule, LoraParams]] = {}
+        for rule in self.rules:
+            fresh = {p: (rule, params) for p, params in rule.select(paths, output_heads).items() if p not in chosen}
+            if not fresh:
+                raise RuleError(f"rule {rule.name!r} selects nothing: earlier rules already take every site it matches")
+            chosen.update(fresh)
+        return {path: chosen[path] for path in paths if path in chosen}
+
+
+def _compile(pattern: str) -> None:
+    try:
+        re.compile(pattern)
+    except re.error as err:
+        raise ValueError(f"invalid regular expression {pattern!r}: {err}") from None
+
+
+def _pattern_value(pattern: dict[str, Any], path: str, default: Any) -> Any:
+    """PEFT's get_pattern_key + dict lookup: the first key matching a trailing dotted part of ``path``."""
+    key = next((k for k in pattern if re.match(rf"(.*\.)?({k})$", path)), path)
+    return pattern.get(key, default)
+
+
+def _suffixes(name: str) -> list[str]:
+    """Dotted suffixes of ``name``, shortest first (``a.b.c`` -> ``c``, ``b.c``, ``a.b.c``)."""
+    parts = name.split(".")
+    return [".".join(parts[i:]) for i in range(len(parts) - 1, -1, -1)]
+
+
+def _module_names(paths: Sequence[str]) -> set[str]:
+    """The paths and all their ancestor modules."""
+    return {".".join(parts[:i]) for parts in (p.split(".") for p in paths) for i in range(1, len(parts) + 1)}
+
+
+def _condense(targets: Collection[str], names: set[str]) -> Collection[str]:
+    """PEFT's _find_minimal_target_modules as inject_adapter applies it: the fewest suffixes that still separate
+    the targets from every other module name; the targets unchanged unless that set is smaller."""
+    ends = tuple("." + t for t in targets)
+    blocked = {s for n in names if n not in targets and not n.endswith(ends) for s in _suffixes(n)}
+    required: set[str] = set()
+    for item, suffixes in sorted(((t, _suffixes(t)) for t in set(targets)), key=lambda pair: pair[1]):
+        if any(item.endswith("." + s) for s in required):
+            continue
+        suffix = next((s for s in suffixes if s not in blocked), None)
+        if suffix is not None:
+            required.add(suffix)
+    return required if 0 < len(required) < len(set(targets)) else targets
+
+
+def _examples(paths: Sequence[str], count: int = 3) -> str:
+    return ", ".join(paths[:count]) + (", ..." if len(paths) > count else "") if paths else "(none)"
+
+
+def _load_yaml(path: str | Path) -> Any:
+    try:
+        return yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+    except OSError as err:
+        raise RuleError(f"{path}: cannot read the rules file ({err.strerror or err})") from err
+    except (yaml.YAMLError, UnicodeDecodeError) as err:
+        raise RuleError(f"{path}: not valid YAML ({err})") from err
+
+
+def _validated(model: type[Any], data: Any, source: str) -> Any:
+    """``model(**data)`` with pydantic errors turned into a RuleError naming the source, rule and field."""
+    try:
+        return model.model_validate(data)
+    except ValidationError as err:
+        raise RuleError(f"{source}: " + "; ".join(_describe(e, data) for e in err.errors())) from None
+
+
+def _describe(error: Any, data: Any) -> str:
+    loc, where, rule = list(error["loc"]), "", data
+    if loc[:1] == ["rules"] and len(loc) > 1 and isinstance(loc[1], int):
+        rules = data.get("rules") if isinstance(data, dict) else None
+        rule = rules[loc[1]] if isinstance(rules, list) and loc[1] < len(rules) else None
+        where, loc = f"rules[{loc[1]}] ", loc[2:]
+    if isinstance(rule, dict) and "name" in rule:
+        where += f"(rule {rule['name']!r}) "
+    return f"{where}{'.'.join(map(str, loc)) or 'rule'}: {error['msg']}"
