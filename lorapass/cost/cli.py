@@ -1,0 +1,173 @@
+"""``lorapass analyse`` and ``lorapass calibrate``: parsers the main CLI registers, and their handlers."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from lorapass.errors import SpecError
+
+
+def _dims(items: list[str] | None) -> dict[str, int]:
+    out = {}
+    for item in items or []:
+        name, sep, value = item.partition("=")
+        try:
+            out[name] = int(value)
+        except ValueError:
+            sep = ""
+        if not sep or not name:
+            raise SpecError(f"--dims {item!r}: expected NAME=INTEGER")
+    return out
+
+
+def _devices(text: str | None) -> list[int] | None:
+    if not text:
+        return None
+    out = []
+    for part in text.split(","):
+        lo, dash, hi = part.partition("-")
+        try:
+            out += list(range(int(lo), int(hi) + 1)) if dash else [int(lo)]
+        except ValueError:
+            raise SpecError(f"--devices {text!r}: expected counts like 8 or 8,16 or 8-64") from None
+    if any(n < 1 for n in out):
+        raise SpecError(f"--devices {text!r}: device counts must be >= 1")
+    return out
+
+
+def _rules(args: argparse.Namespace):
+    if args.rules:
+        from lorapass.rules import RuleSet
+
+        return RuleSet.from_yaml(args.rules)
+    if args.adapter:
+        from lorapass.rules import LoraRule
+
+        return LoraRule.from_peft_config(args.adapter)  # the config is all the cost model needs
+    return None
+
+
+def cmd_analyse(args: argparse.Namespace) -> int:
+    from lorapass.cost import report
+    from lorapass.cost.analysis import Analyser, ModelSource, Workload, sweep
+    from lorapass.cost.hw import load_spec
+    from lorapass.cost.parallel import Layout
+
+    spec = load_spec(args.hw)
+    source = ModelSource(args.model, attention=args.attention, logits=args.logits, dtype=args.dtype,
+                         kv_dtype=args.kv_dtype, prefix=args.prefix, dims=_dims(args.dims))
+    workload = Workload(args.batch, args.seq, args.gen)
+    analyser = Analyser(source, spec, workload, _rules(args), args.strategy, args.collective)
+    layout = Layout(args.tp, args.pp, args.ep, args.dp, args.sp, args.microbatches)
+    if args.sweep:
+        counts = _devices(args.devices) or [layout.devices]
+        result = sweep(source, spec, counts, workload, sp=args.sp, objective=args.objective, analyser=analyser)
+        if not result.results:
+            raise SpecError(f"{args.model}: no valid layout for {counts} device(s) and batch {args.batch}")
+        if args.csv:
+            report.write_sweep_csv(result, args.csv)
+        if args.json:
+            print(json.dumps(report.sweep_dict(result), indent=2, default=float))
+        else:
+            print(report.format_sweep(result, args.top))
+        best = result.results[0]
+        if args.plot:
+            best = analyser.analyse(best.layout, keep_ops=True)
+            report.plot_roofline(best, spec, args.plot)
+        return 0
+    analysis = analyser.analyse(layout, keep_ops=True)
+    if args.csv:
+        report.write_csv(analysis, args.csv)
+    if args.plot:
+        report.plot_roofline(analysis, spec, args.plot)
+    print(report.to_json(analysis, ops=args.ops) if args.json else report.format_analysis(analysis))
+    return 0
+
+
+def cmd_calibrate(args: argparse.Namespace) -> int:
+    from lorapass.cost.calibrate import calibrate
+
+    result = calibrate(args.output, threads=args.threads, quick=args.quick, name=args.name)
+    summary = {"output": args.output, "fp32_gflops": result["peak_tflops_fp32"] * 1e3,
+               "memory_gb_s": result["memory_bandwidth_tb_s"] * 1e3,
+               "kernel_overhead_us": result["kernel_overhead_s"] * 1e6}
+    print(json.dumps(summary) if args.json else
+          f"{args.output}: fp32 {summary['fp32_gflops']:.1f} GFLOP/s, memory {summary['memory_gb_s']:.2f} GB/s, "
+          f"{summary['kernel_overhead_us']:.2f} us per node")
+    return 0
+
+
+def add_analyse_parser(subparsers) -> argparse.ArgumentParser:
+    p = subparsers.add_parser("analyse",
+                              help="predict latency, throughput and memory of a model (with LoRA) on hardware",
+                              description="Roofline cost model of an ONNX graph or a models/*.yaml config, per phase "
+                                          "(prefill, decode, merge) and operator class, under a parallel layout.")
+    p.add_argument("model", help="MODEL.onnx or models/NAME.yaml")
+    p.add_argument("--hw", required=True, metavar="SPEC", help="hardware spec YAML (hw_specs/*.yaml)")
+    g = p.add_argument_group("layout")
+    g.add_argument("--tp", type=int, default=1, help="tensor-parallel degree")
+    g.add_argument("--pp", type=int, default=1, help="pipeline stages")
+    g.add_argument("--ep", type=int, default=1, help="expert-parallel degree (MoE)")
+    g.add_argument("--dp", type=int, default=1, help="data-parallel replicas")
+    g.add_argument("--sp", action="store_true", help="sequence parallelism with TP (reduce-scatter/all-gather)")
+    g.add_argument("--microbatches", type=int, help="prefill micro-batches per replica (default: from --pp)")
+    g.add_argument("--collective", choices=["auto", "ring", "tree"], default="auto", help="all-reduce algorithm")
+    g = p.add_argument_group("workload")
+    g.add_argument("--batch", type=int, default=1, help="sequences (global batch)")
+    g.add_argument("--seq", type=int, default=2048, help="prompt tokens per sequence (prefill)")
+    g.add_argument("--gen", type=int, default=256, help="generated tokens per sequence (decode steps)")
+    g.add_argument("--dtype", help="weights/activations/compute dtype of a config (default: the config's)")
+    g.add_argument("--kv-dtype", help="KV-cache dtype (default: --dtype)")
+    g.add_argument("--attention", choices=["flash", "dense"], help="config attention kernel (default flash)")
+    g.add_argument("--logits", choices=["last", "all"], help="config prefill output head on the last token or all")
+    g.add_argument("--prefix", help="ONNX: wrapper scope to strip from module paths (default: detected)")
+    g.add_argument("--dims", action="append", metavar="NAME=VALUE", help="ONNX: bind another symbolic dimension")
+    g = p.add_argument_group("LoRA")
+    g.add_argument("--adapter", metavar="DIR",
+                   help="PEFT adapter directory (its adapter_config.json selects the sites)")
+    g.add_argument("--rules", metavar="FILE", help="YAML rules (win over --adapter's config)")
+    g.add_argument("--strategy", choices=["merge", "dynamic"], help="default: the rules' own strategy")
+    g = p.add_argument_group("output")
+    g.add_argument("--sweep", action="store_true", help="rank every valid TP x PP x EP layout of --devices")
+    g.add_argument("--devices", help="device counts to sweep: 8, 8,16 or 8-64 (default: tp*pp*ep*dp)")
+    g.add_argument("--objective", choices=["throughput", "ttft", "tpot", "e2e"], default="throughput")
+    g.add_argument("--top", type=int, default=20, help="rows of the sweep table")
+    g.add_argument("--json", action="store_true", help="print JSON")
+    g.add_argument("--ops", action="store_true", help="with --json: include every operator")
+    g.add_argument("--csv", metavar="FILE", help="write per-operator rows (a sweep: one row per layout)")
+    g.add_argument("--plot", metavar="PNG", help="write a roofline chart of the operators")
+    p.set_defaults(func=cmd_analyse)
+    return p
+
+
+def add_calibrate_parser(subparsers) -> argparse.ArgumentParser:
+    p = subparsers.add_parser("calibrate", help="measure this machine with ONNX Runtime and write a hardware spec")
+    p.add_argument("-o", "--output", required=True, help="spec file to write, e.g. hw_specs/local.yaml")
+    p.add_argument("--threads", type=int, help="ONNX Runtime intra-op threads (default: its own)")
+    p.add_argument("--quick", action="store_true", help="fewer, smaller measurements")
+    p.add_argument("--name", default="local", help="device name in the spec")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_calibrate)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Stand-alone entry (``python -m lorapass.cost.cli analyse ...``) with the main CLI's error handling."""
+    from lorapass.errors import LorapassError
+
+    parser = argparse.ArgumentParser(prog="lorapass")
+    sub = parser.add_subparsers(dest="command", required=True)
+    add_analyse_parser(sub)
+    add_calibrate_parser(sub)
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except LorapassError as exc:
+        print(f"lorapass: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
