@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import re
 from dataclasses import dataclass, field
@@ -120,7 +119,9 @@ def load_adapter(directory: str | os.PathLike, allow_pickle: bool = False) -> Ad
             raise UnsupportedError(f"{weights}: tensor {key!r} belongs to a PEFT feature lorapass does not implement")
         match = _KEY.match(key)
         if match is None:
-            raise AdapterError(f"{weights}: tensor {key!r} is not a LoRA A/B weight")
+            hint = (" (a full layer weight PEFT saves with save_embedding_layers; re-save the adapter with "
+                    "save_embedding_layers=False if the base weights are unchanged)") if key.endswith(".weight") else ""
+            raise UnsupportedError(f"{weights}: tensor {key!r} is not a LoRA A/B weight{hint}")
         adapter.keys.setdefault(match["module"], {})[match["kind"]] = key
     for module, kinds in adapter.keys.items():
         if set(kinds) != {"lora_A", "lora_B"}:

@@ -7,7 +7,7 @@ import json
 import sys
 from collections.abc import Sequence
 
-from lorapass.errors import LorapassError
+from lorapass.errors import LorapassError, RuleError
 
 
 def _add_selection(p: argparse.ArgumentParser) -> None:
@@ -18,10 +18,24 @@ def _add_selection(p: argparse.ArgumentParser) -> None:
                    help="read adapter_model.bin (torch.load with weights_only=True) when no safetensors file exists")
 
 
+def _slot_rule(args: argparse.Namespace):
+    """``--target/--rank/--alpha``: a rule for LoRA-ready slots when no adapter is given."""
+    if not args.target:
+        return args.rules
+    if args.adapter or args.rules:
+        raise RuleError("--target makes empty LoRA slots; it does not combine with --adapter or --rules")
+    from lorapass.rules import LoraRule
+
+    target = args.target[0] if len(args.target) == 1 and args.target[0].lower() == "all-linear" else args.target
+    return LoraRule(name="slots", target_modules=target, r=args.rank, lora_alpha=args.alpha or args.rank,
+                    strategy="dynamic")
+
+
 def _cmd_rewrite(args: argparse.Namespace) -> int:
     from lorapass.rewrite import rewrite
 
-    result = rewrite(args.model, args.output, adapter=args.adapter, rules=args.rules, strategy=args.strategy,
+    rules = _slot_rule(args)
+    result = rewrite(args.model, args.output, adapter=args.adapter, rules=rules, strategy=args.strategy,
                      prefix=args.prefix, allow_pickle=args.allow_pickle)
     summary = {
         "output": str(result.output),
@@ -48,6 +62,14 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_export_adapter(args: argparse.Namespace) -> int:
+    from lorapass.ort_adapter import export_adapter
+
+    out = export_adapter(args.adapter, args.model, args.output)
+    print(f"wrote {out}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lorapass", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -58,6 +80,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--strategy", choices=["merge", "dynamic"], help="default: the rules' own strategy")
     p.add_argument("--json", action="store_true", help="print a JSON summary")
     _add_selection(p)
+    slots = p.add_argument_group("LoRA-ready slots (dynamic, no adapter): zero weights, output equals the base")
+    slots.add_argument("--target", nargs="+", metavar="MODULE", help="target_modules suffixes, or all-linear")
+    slots.add_argument("--rank", type=int, default=8, help="default slot rank (adapters of any rank fit later)")
+    slots.add_argument("--alpha", type=float, help="recorded alpha (default: rank)")
     p.set_defaults(func=_cmd_rewrite)
 
     p = sub.add_parser("inspect", help="list the sites of an ONNX model and what rules or an adapter target")
@@ -65,6 +91,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     _add_selection(p)
     p.set_defaults(func=_cmd_inspect)
+
+    p = sub.add_parser("export-adapter", help="write a PEFT adapter as an ONNX Runtime adapter for a dynamic graph")
+    p.add_argument("adapter", help="PEFT adapter directory")
+    p.add_argument("--model", required=True, help="the dynamic graph written by `lorapass rewrite --strategy dynamic`")
+    p.add_argument("-o", "--output", required=True, help="output .onnx_adapter")
+    p.set_defaults(func=_cmd_export_adapter)
+
+    from lorapass.cost.cli import add_analyse_parser, add_calibrate_parser
+    from lorapass.fx.cli import add_export_parser
+
+    add_analyse_parser(sub)
+    add_calibrate_parser(sub)
+    add_export_parser(sub)
     return parser
 
 

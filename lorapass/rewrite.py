@@ -44,7 +44,7 @@ def resolve_inputs(adapter: str | os.PathLike | Adapter | None, rules: str | os.
     return adapter, rules
 
 
-def _strategy_of(rules: LoraRule | RuleSet, strategy: Strategy | None) -> Strategy:
+def strategy_of(rules: LoraRule | RuleSet, strategy: Strategy | None) -> Strategy:
     if strategy is not None:
         return strategy
     found = {r.strategy for r in (rules.rules if isinstance(rules, RuleSet) else [rules])}
@@ -58,7 +58,7 @@ def rewrite(model: str | os.PathLike, output: str | os.PathLike, adapter: str | 
             prefix: str | None = None, allow_pickle: bool = False, progress: bool | None = None) -> RewriteResult:
     """Apply LoRA to the ONNX file ``model`` and write ``output``; the input is never modified."""
     adapter, rules = resolve_inputs(adapter, rules, allow_pickle)
-    strategy = _strategy_of(rules, strategy)
+    strategy = strategy_of(rules, strategy)
     graph = load_model(model)
     report = find_sites(graph, prefix=prefix, wanted=adapter.modules if adapter else ())
     targets = plan(report.sites, rules, report.output_heads, adapter)

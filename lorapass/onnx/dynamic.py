@@ -32,6 +32,14 @@ def input_names(path: str) -> tuple[str, str]:
     return f"{path}.lora_A", f"{path}.lora_B"
 
 
+def record(target: Target) -> dict:
+    """The ``lorapass.lora`` metadata entry of one LoRA slot."""
+    site, params = target.site, target.params
+    a, b = input_names(site.path)
+    return {"path": site.path, "lora_A": a, "lora_B": b, "in": site.in_features, "out": site.out_features,
+            "r": params.r, "alpha": params.alpha, "scale": params.scale}
+
+
 def lora_weights(target: Target, adapter: Adapter | None) -> tuple[np.ndarray, np.ndarray]:
     """(A as [in, r], scale·B as [r, out]) in float32; zeros when there is no adapter (graph equals base)."""
     site, params = target.site, target.params
@@ -73,9 +81,7 @@ class _Builder:
             self.graph.register_initializer(value)
             made.append(value)
         self.slots[site.path] = (made[0], made[1])
-        self.records.append({"path": site.path, "lora_A": made[0].name, "lora_B": made[1].name, "in": site.in_features,
-                             "out": site.out_features, "r": target.params.r, "alpha": target.params.alpha,
-                             "scale": target.params.scale})
+        self.records.append(record(target))
         return self.slots[site.path]
 
     def join(self, site: Site, down: ir.Value, b: ir.Value) -> list[ir.Node]:

@@ -52,8 +52,11 @@ def constant(value: ir.Value | None) -> ir.Value | None:
 
 
 def _const_2d(value: ir.Value | None) -> ir.Value | None:
+    """A 2-D initializer that is not also a graph input (an overridable input, e.g. a LoRA slot, is no weight)."""
     source = constant(value)
-    return source if source is not None and len(source.const_value.shape) == 2 else None
+    if source is None or source.is_graph_input() or len(source.const_value.shape) != 2:
+        return None
+    return source
 
 
 def _transposed_const(value: ir.Value | None) -> ir.Value | None:
@@ -122,11 +125,11 @@ def _root_scope(node: ir.Node) -> str | None:
     return None
 
 
-def _strip(path: str, prefix: str) -> str:
+def strip_prefix(path: str, prefix: str) -> str:
     return path[len(prefix) + 1:] if prefix and path.startswith(prefix + ".") else path
 
 
-def _guess_prefix(paths: list[str], wanted: Collection[str]) -> str:
+def guess_prefix(paths: list[str], wanted: Collection[str]) -> str:
     """The leading scope whose removal makes the most ``wanted`` module paths exist in the graph."""
     candidates = {""}
     for path in paths:
@@ -135,7 +138,7 @@ def _guess_prefix(paths: list[str], wanted: Collection[str]) -> str:
     wanted = set(wanted)
 
     def hits(prefix: str) -> int:
-        return len(wanted & {_strip(p, prefix) for p in paths if not prefix or p.startswith(prefix + ".")})
+        return len(wanted & {strip_prefix(p, prefix) for p in paths if not prefix or p.startswith(prefix + ".")})
 
     return max(sorted(candidates, key=len), key=hits)
 
@@ -184,7 +187,7 @@ def find_sites(model: ir.Model, prefix: str | None = None, wanted: Collection[st
     elif len(root_scopes) == 1:
         chosen, prefix_source = root_scopes.pop(), "exporter class records"
     elif wanted:
-        chosen, prefix_source = _guess_prefix([p for _, p, _ in named], wanted), "adapter module names"
+        chosen, prefix_source = guess_prefix([p for _, p, _ in named], wanted), "adapter module names"
     else:
         chosen, prefix_source = "", "none"
 
@@ -194,7 +197,7 @@ def find_sites(model: ir.Model, prefix: str | None = None, wanted: Collection[st
         in_f, out_f = (shape[0], shape[1]) if lin.layout == "in_out" else (shape[1], shape[0])
         sites.append(
             Site(
-                path=_strip(path, chosen),
+                path=strip_prefix(path, chosen),
                 op=lin.node.op_type,
                 node=lin.node.name or "",
                 weight=lin.tensor.name or "",

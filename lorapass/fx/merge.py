@@ -1,0 +1,101 @@
+"""Strategy ``merge`` on an fx graph: each targeted parameter becomes W + scale·B·A, in its own layout and dtype.
+
+The graph keeps its shape; only state changes. A weight read only by its own site is replaced under its own
+name (a new tensor: the traced model's parameters are never written). One that other nodes also read (a
+weight shared between modules, or with non-site readers) is copied: the site gets a new parameter
+``<path>.weight`` (made unique) and the others keep the original.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+
+import torch
+from torch.fx import Node
+
+from lorapass.adapter import Adapter
+from lorapass.errors import UnsupportedError
+from lorapass.fx.program import PASS_WEIGHT, Program
+from lorapass.fx.sites import ADDMM, full_path
+from lorapass.onnx.merge import delta
+from lorapass.onnx.sites import SiteReport
+from lorapass.plan import Target
+
+
+def merged(weight: torch.Tensor, update: torch.Tensor, layout: str) -> torch.Tensor:
+    """(W in float32 + update in W's layout) cast back to W's dtype; ``update`` is [out, in]."""
+    update = update.to(weight.device)
+    w = weight.detach().to(torch.float32) + (update if layout == "out_in" else update.T)
+    return w.to(weight.dtype).contiguous()
+
+
+def _holders(program: Program) -> dict[str, list[Node]]:
+    """State key -> the nodes reading it directly: placeholders, get_attr, and call_module of its owner module
+    (keyed ``<module>.weight``, as its sites name their weight)."""
+    out: dict[str, list[Node]] = defaultdict(list)
+    for node in program.graph.nodes:
+        if (target := program.target(node)) is not None:
+            out[target].append(node)
+        elif node.op == "call_module":
+            out[f"{node.target}.weight"].append(node)
+    return out
+
+
+def _readers(program: Program, holders: list[Node]) -> set[Node]:
+    out: set[Node] = set()
+    for node in holders:
+        out |= {node} if node.op == "call_module" else program.readers(node)
+    return out
+
+
+def merge(program: Program, report: SiteReport, targets: list[Target], adapter: Adapter) -> int:
+    """Fold every target's update into its weight; returns how many weights changed."""
+    nodes = {n.name: n for n in program.graph.nodes}
+    by_weight: dict[str, list[Target]] = defaultdict(list)
+    for target in targets:
+        by_weight[target.site.weight].append(target)
+    holders_of = _holders(program)
+    changed = 0
+    for weight, group in by_weight.items():
+        holders = holders_of[weight]
+        group_nodes = {nodes[t.site.node] for t in group}
+        tensor = program.tensor(weight)
+        if len({t.site.path for t in group}) == 1 and _readers(program, holders) <= group_nodes:
+            update = torch.from_numpy(delta(adapter, group[0]))
+            program.replace(weight, merged(tensor, update, group[0].site.layout))
+            changed += 1
+            continue
+        for target in group:  # copy-on-write: the site reads its own merged copy
+            node = nodes[target.site.node]
+            if node.op == "call_module":
+                raise UnsupportedError(f"site {target.site.path!r}: its weight {weight!r} is also read outside the "
+                                       "module; trace with torch.export (example inputs) to merge it")
+            update = torch.from_numpy(delta(adapter, target))
+            name = _unique(program, f"{full_path(report, target.site.path)}.weight")
+            fresh = program.add(name, merged(tensor, update, target.site.layout), parameter=True)
+            _rewire_weight(program, node, fresh)
+            changed += 1
+    return changed
+
+
+def _rewire_weight(program: Program, node: Node, fresh: Node) -> None:
+    """Make ``node`` read ``fresh`` where it read the shared weight, replaying any transposes in between."""
+    index = 2 if node.target in ADDMM else 1
+    chain, current = [], node.args[index]
+    while isinstance(current, Node) and current.op == "call_function" and current.target in PASS_WEIGHT:
+        chain.append(current)
+        current = current.args[0]
+    value = fresh
+    for step in reversed(chain):
+        value = program.call(step.target, (value, *step.args[1:]), before=node, like=step)
+    args, old = list(node.args), node.args[index]
+    args[index] = value
+    node.args = tuple(args)
+    program.erase_if_unused(old)
+
+
+def _unique(program: Program, name: str) -> str:
+    candidate, i = name, 1
+    while program.has(candidate):
+        candidate, i = f"{name}_{i}", i + 1
+    return candidate
