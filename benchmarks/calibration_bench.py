@@ -25,7 +25,7 @@ import tempfile
 import torch
 import transformers as tf
 
-from lorapass.cost import cli
+from lorapass.cli import main as lorapass_main
 from lorapass.cost.analysis import ModelSource, Workload, analyse
 from lorapass.cost.calibrate import best_time
 from lorapass.cost.hw import HardwareSpec, load_spec
@@ -85,7 +85,7 @@ def run(medium: Path, tmp_path: Path) -> dict:
     for round_ in range(2):
         out = tmp_path / f"local{round_}.yaml"
         with contextlib.redirect_stdout(io.StringIO()):
-            if cli.main(["calibrate", "-o", str(out), "--threads", str(THREADS), "--quick"]) != 0:
+            if lorapass_main(["calibrate", "-o", str(out), "--threads", str(THREADS), "--quick"]) != 0:
                 raise SystemExit("calibrate failed")
         spec = _best(spec, load_spec(out))
         for p, feed in feeds.items():

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import onnx_ir as ir
 
-LLAMA_1B = dict(hidden=2048, intermediate=8192, layers=16, heads=32, kv_heads=8, vocab=128256)
+LLAMA_1B = dict(hidden=2048, intermediate=8192, layers=16, heads=32, kv_heads=8, vocab=128256)  # Llama-3.2-1B: 1.24B
 
 
 def linears(hidden: int, intermediate: int, layers: int, heads: int, kv_heads: int, **_: int) -> list[tuple[str, int, int]]:
@@ -78,8 +78,7 @@ def build(path: Path, dtype: str = "float16", seed: int = 0, **shape: int) -> di
                 layer_out["act"] = op("Mul", op("Mul", gate, op("Sigmoid", gate)), y)
             elif name == "down_proj":
                 x = op("Add", x, y)
-        head = tensor("lm_head.weight", (shape["vocab"], shape["hidden"]), f)
-        logits = op("MatMul", x, op("Transpose", head))
+        logits = op("MatMul", x, op("Transpose", embed))  # lm_head tied to the embedding, as in Llama-3.2-1B
         nodes[-2].attributes["perm"] = ir.AttrInt64s("perm", [1, 0])
     logits.name = "logits"
     graph = ir.Graph([ids], [logits], nodes=nodes, initializers=list(values.values()), opset_imports={"": 18})

@@ -23,7 +23,7 @@ from llama_graph import LLAMA_1B, build, linears, write_adapter  # noqa: E402
 
 CHILD = """
 import json, sys, time
-from lorapass.rewrite import rewrite
+from lorapass.onnx.rewrite import rewrite
 t = time.perf_counter()
 result = rewrite(sys.argv[1], sys.argv[2], adapter=sys.argv[3], strategy="merge", progress=False)
 wall = time.perf_counter() - t

@@ -6,9 +6,9 @@
 - :mod:`lorapass.fx`: the same pass on torch.fx / torch.export graphs.
 """
 
-from lorapass.export import export
+from lorapass.fx.export import export
 from lorapass.ort_adapter import Session, export_adapter
-from lorapass.rewrite import rewrite
+from lorapass.onnx.rewrite import rewrite
 from lorapass.rules import LoraRule, RuleSet
 
 __all__ = ["LoraRule", "RuleSet", "Session", "export", "export_adapter", "rewrite"]

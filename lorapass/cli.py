@@ -32,7 +32,7 @@ def _slot_rule(args: argparse.Namespace):
 
 
 def _cmd_rewrite(args: argparse.Namespace) -> int:
-    from lorapass.rewrite import rewrite
+    from lorapass.onnx.rewrite import rewrite
 
     rules = _slot_rule(args)
     result = rewrite(args.model, args.output, adapter=args.adapter, rules=rules, strategy=args.strategy,
@@ -52,7 +52,7 @@ def _cmd_rewrite(args: argparse.Namespace) -> int:
 
 def _cmd_inspect(args: argparse.Namespace) -> int:
     from lorapass.inspection import format_table, inspect_model
-    from lorapass.rewrite import resolve_inputs
+    from lorapass.onnx.rewrite import resolve_inputs
 
     adapter = rules = None
     if args.adapter or args.rules:

@@ -99,6 +99,19 @@ class Wrapper(torch.nn.Module):
         return self.m(input_ids=input_ids, use_cache=False).logits
 
 
+def torch_linears(model: torch.nn.Module) -> dict[str, tuple[int, int]]:
+    """Module path -> (in, out) of every nn.Linear / Conv1D: the ground truth site discovery must reproduce."""
+    from transformers.pytorch_utils import Conv1D
+
+    out = {}
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.Linear):
+            out[name] = (module.in_features, module.out_features)
+        elif isinstance(module, Conv1D):
+            out[name] = (module.weight.shape[0], module.weight.shape[1])
+    return out
+
+
 def build(family: str, seed: int = 0) -> torch.nn.Module:
     """The family's tiny model with random weights, biases randomised too (so no two tensors coincide)."""
     torch.manual_seed(seed)

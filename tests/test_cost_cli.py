@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from lorapass.cli import main as lorapass_main
 from lorapass.cost import cli
 from lorapass.errors import LorapassError, SpecError
 
@@ -106,7 +107,7 @@ def test_bad_spec_exits_2_naming_file_and_field(tmp_path, capsys):
     spec["memory_bandwidth_tb_s"] = -1
     bad = tmp_path / "bad.yaml"
     bad.write_text(yaml.safe_dump(spec))
-    assert cli.main(["analyse", L70, "--hw", str(bad)]) == 2
+    assert lorapass_main(["analyse", L70, "--hw", str(bad)]) == 2
     err = capsys.readouterr().err
     assert str(bad) in err and "memory_bandwidth_tb_s" in err
 

@@ -112,7 +112,7 @@ def test_rules_select_the_same_sites_as_the_rewrite(tiny):
 
 def test_dynamic_rewrite_is_recognised(tiny, tmp_path):
     """A graph rewritten with strategy dynamic: its LoRA MatMuls and Adds are the cost model's LoRA operators."""
-    from lorapass.rewrite import rewrite
+    from lorapass.onnx.rewrite import rewrite
 
     onnx_path, cfg_path = tiny
     rule = LoraRule(target_modules="all-linear", r=4, rank_pattern={"o_proj": 8}, strategy="dynamic")

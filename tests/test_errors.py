@@ -148,6 +148,6 @@ def test_failure_while_writing_leaves_nothing(case, monkeypatch):
     def fail(*args, **kwargs):
         raise OSError("No space left on device")
 
-    monkeypatch.setattr(save, "_write_tensor", fail)
+    monkeypatch.setattr(save, "_write_at", fail)
     assert main(["rewrite", str(model), "--adapter", str(adapter), "-o", str(out / "o.onnx")]) == 1
     assert list(out.iterdir()) == []

@@ -7,7 +7,7 @@ import warnings
 import numpy as np
 import pytest
 import torch
-from builders import Wrapper, build, example_ids
+from builders import Wrapper, build, example_ids, torch_linears
 from transformers.pytorch_utils import Conv1D
 
 from lorapass.fx.program import Program
@@ -16,17 +16,6 @@ from lorapass.onnx.load import load_model
 from lorapass.onnx.sites import find_sites as find_onnx_sites
 
 FAMILIES = ("llama", "gpt2", "bert")
-
-
-def torch_linears(model: torch.nn.Module) -> dict[str, tuple[int, int]]:
-    """Module path -> (in, out) of every nn.Linear / Conv1D: what discovery must reproduce."""
-    out = {}
-    for name, module in model.named_modules():
-        if isinstance(module, torch.nn.Linear):
-            out[name] = (module.in_features, module.out_features)
-        elif isinstance(module, Conv1D):
-            out[name] = (module.weight.shape[0], module.weight.shape[1])
-    return out
 
 
 @pytest.fixture(scope="module")

@@ -4,24 +4,12 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-import torch
 from transformers.pytorch_utils import Conv1D
 
-from builders import FAMILIES
+from builders import FAMILIES, torch_linears
 from lorapass.onnx import naming
 from lorapass.onnx.load import load_model
 from lorapass.onnx.sites import find_sites
-
-
-def torch_linears(model: torch.nn.Module) -> dict[str, tuple[int, int]]:
-    """Module path -> (in, out) of every nn.Linear / Conv1D, the ground truth discovery must reproduce."""
-    out = {}
-    for name, module in model.named_modules():
-        if isinstance(module, torch.nn.Linear):
-            out[name] = (module.in_features, module.out_features)
-        elif isinstance(module, Conv1D):
-            out[name] = (module.weight.shape[0], module.weight.shape[1])
-    return out
 
 
 def weight_as_out_in(site, graph) -> np.ndarray:

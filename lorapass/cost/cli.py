@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 
 from lorapass.errors import SpecError
 
@@ -151,23 +150,3 @@ def add_calibrate_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_calibrate)
     return p
-
-
-def main(argv: list[str] | None = None) -> int:
-    """Stand-alone entry (``python -m lorapass.cost.cli analyse ...``) with the main CLI's error handling."""
-    from lorapass.errors import LorapassError
-
-    parser = argparse.ArgumentParser(prog="lorapass")
-    sub = parser.add_subparsers(dest="command", required=True)
-    add_analyse_parser(sub)
-    add_calibrate_parser(sub)
-    args = parser.parse_args(argv)
-    try:
-        return args.func(args)
-    except LorapassError as exc:
-        print(f"lorapass: error: {exc}", file=sys.stderr)
-        return 2
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -18,7 +18,7 @@ from lorapass.fx.sites import find_sites
 from lorapass.fx.trace import AUTO, trace
 from lorapass.onnx.sites import SiteReport
 from lorapass.plan import Target, plan
-from lorapass.rewrite import Strategy, strategy_of, resolve_inputs
+from lorapass.onnx.rewrite import Strategy, strategy_of, resolve_inputs
 from lorapass.rules import LoraRule, RuleSet
 
 

@@ -102,7 +102,7 @@ def parse_kwarg(spec: str) -> tuple[str, Any]:
 
 
 def handler(args: argparse.Namespace) -> int:
-    from lorapass.export import export
+    from lorapass.fx.export import export
 
     model, example_args, example_kwargs = build_model(args.model, args.app_dir)
     extra = dict(parse_input(s) for s in args.input or []) | dict(parse_kwarg(s) for s in args.kwarg or [])

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import os
 import shutil
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -62,6 +64,33 @@ def _temporaries() -> Iterator[list[Path]]:
         raise
 
 
+class _Writer:
+    """One I/O thread: copies and tensor writes run there in order while the caller computes the next tensor.
+
+    At most ``depth`` writes wait in the queue, so no more than ``depth + 1`` computed tensors are in memory.
+    """
+
+    def __init__(self, depth: int = 2) -> None:
+        self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lorapass-io")
+        self.queue: deque[Future] = deque()
+        self.depth = depth
+
+    def submit(self, fn, *args) -> None:
+        self.queue.append(self.pool.submit(fn, *args))
+        while len(self.queue) > self.depth + 1:
+            self.queue.popleft().result()
+
+    def drain(self) -> None:
+        while self.queue:
+            self.queue.popleft().result()
+
+    def __enter__(self) -> _Writer:
+        return self
+
+    def __exit__(self, kind, error, trace) -> None:
+        self.pool.shutdown(wait=True, cancel_futures=error is not None)  # never leave a write running
+
+
 def save_model(model: ir.Model, source: str | os.PathLike, out: str | os.PathLike, progress: bool | None = None) -> SaveStats:
     """Save ``model`` (loaded from ``source``) to ``out`` without ever touching the source files."""
     source, out = Path(source).resolve(), Path(out).resolve()
@@ -79,15 +108,16 @@ def save_model(model: ir.Model, source: str | os.PathLike, out: str | os.PathLik
             raise ModelError(f"{out}: its data file {name!r} would overwrite an input file")
     stats = SaveStats()
     pid = os.getpid()
-    with _temporaries() as made:
+    with _temporaries() as made, _Writer() as io:
         files: dict[str, _DataFile] = {}
         for loc, name in names.items():
             tmp = out.parent / f".{name}.tmp-{pid}"
             made.append(tmp)
             slots = [(v.meta[REPLACES].offset or 0, v.meta[REPLACES].nbytes) for v in replaced
                      if v.meta[REPLACES].location == loc and v.meta[REPLACES].nbytes == v.const_value.nbytes]
-            stats.bytes_written += _copy_except(source.parent / loc, tmp, slots)
-            files[loc] = _DataFile(name, tmp, tmp.stat().st_size)
+            files[loc] = _DataFile(name, tmp, (source.parent / loc).stat().st_size)
+            stats.bytes_written += files[loc].size - sum(n for _, n in slots)
+            io.submit(_copy_except, source.parent / loc, tmp, slots)
         for value in external:
             t = value.const_value
             value.const_value = _external(files[t.location], t.offset or 0, t.length or t.nbytes, t, out.parent)
@@ -96,7 +126,10 @@ def save_model(model: ir.Model, source: str | os.PathLike, out: str | os.PathLik
         computed = [v for v in pending if not isinstance(v.const_value, ir.Tensor) or REPLACES in v.meta]
         bar = tqdm(total=len(computed), desc="writing tensors", unit="tensor", disable=None if progress is None else not progress)
         for value in pending:
-            _write_tensor(value, files, primary, out.parent, stats, bar if value in computed else None)
+            _place_tensor(value, files, primary, out.parent, stats, io)
+            if value in computed:
+                bar.update()
+        io.drain()
         bar.close()
         proto = ir.to_proto(model)
         if proto.ByteSize() > _PROTO_LIMIT:
@@ -134,10 +167,17 @@ def _external(file: _DataFile, offset: int, length: int, like: ir.TensorProtocol
     return ir.ExternalTensor(file.name, offset, length, like.dtype, shape=like.shape, name=like.name, base_dir=folder)
 
 
-def _write_tensor(value: ir.Value, files: dict[str, _DataFile], primary: _DataFile | None, folder: Path,
-                  stats: SaveStats, bar: tqdm | None) -> None:
+def _write_at(path: Path, offset: int, array: np.ndarray) -> None:
+    with open(path, "r+b") as f:
+        f.seek(offset)
+        f.write(memoryview(np.ascontiguousarray(array).reshape(-1).view(np.uint8)))
+
+
+def _place_tensor(value: ir.Value, files: dict[str, _DataFile], primary: _DataFile | None, folder: Path,
+                  stats: SaveStats, io: _Writer) -> None:
+    """Compute the value's tensor and queue its write: into its old slot, appended to the data file, or inline."""
     tensor = value.const_value
-    old = value.meta.get(REPLACES)
+    old = value.meta.pop(REPLACES, None)
     if isinstance(old, ir.ExternalTensor) and old.nbytes == tensor.nbytes:
         file, offset = files[old.location], old.offset or 0
     elif primary is not None and tensor.nbytes >= _INLINE_LIMIT:
@@ -146,20 +186,10 @@ def _write_tensor(value: ir.Value, files: dict[str, _DataFile], primary: _DataFi
     else:
         if not isinstance(tensor, ir.Tensor):  # materialise a lazy tensor into an inline one
             value.const_value = ir.Tensor(tensor.numpy(), name=value.name)
-        value.meta.pop(REPLACES, None)
-        if bar is not None:
-            bar.update()
         return
     array = tensor.numpy()
-    data = memoryview(np.ascontiguousarray(array).reshape(-1).view(np.uint8))
-    with open(file.tmp, "r+b") as f:
-        f.seek(offset)
-        f.write(data)
-    file.size = max(file.size, offset + len(data))
-    stats.bytes_written += len(data)
+    io.submit(_write_at, file.tmp, offset, array)
+    file.size = max(file.size, offset + array.nbytes)
+    stats.bytes_written += array.nbytes
     stats.tensors_written += 1
-    value.const_value = _external(file, offset, len(data), tensor, folder)
-    del array, data
-    value.meta.pop(REPLACES, None)
-    if bar is not None:
-        bar.update()
+    value.const_value = _external(file, offset, array.nbytes, tensor, folder)

@@ -1,4 +1,4 @@
-"""The pass: load an ONNX model, find its sites, select targets, apply a strategy, save atomically."""
+"""The ONNX pass: load an ONNX model, find its sites, select targets, apply a strategy, save atomically."""
 
 from __future__ import annotations
 
