@@ -100,7 +100,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     from lorapass.cost.cli import add_analyse_parser, add_calibrate_parser
     from lorapass.fx.cli import add_export_parser
+    from lorapass.verify import add_verify_parser
 
+    add_verify_parser(sub)
     add_analyse_parser(sub)
     add_calibrate_parser(sub)
     add_export_parser(sub)

@@ -1,0 +1,187 @@
+"""``lorapass verify``: check a rewritten model against the base with the adapter merged by a second path.
+
+The reference is built independently of the merge strategy: the base model is loaded with the ``onnx``
+package, each targeted weight gets W + scale·(B @ A) computed by numpy in float64 (then cast to W's
+dtype), and ONNX Runtime runs it. Site naming and rule matching are shared with the pass (one
+implementation of PEFT's semantics); the arithmetic and the graph writing are not.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import numpy_helper
+
+from lorapass.adapter import Adapter, load_adapter
+from lorapass.errors import ModelError
+from lorapass.onnx.load import load_model
+from lorapass.onnx.sites import find_sites
+from lorapass.plan import Target, plan
+
+SYMBOLIC_SIZES = (2, 7)  # a symbolic dimension gets 2 first (batch), 7 after (sequence)
+
+
+@dataclass
+class OutputCheck:
+    """One output compared with the reference."""
+
+    name: str
+    max_abs: float
+    max_rel: float
+    changed_from_base: float  # max |reference - base| / max |reference|: does the adapter do anything?
+    passed: bool
+
+
+@dataclass
+class VerifyReport:
+    tolerance: float
+    outputs: list[OutputCheck] = field(default_factory=list)
+
+    @property
+    def passed(self) -> bool:
+        return all(o.passed for o in self.outputs)
+
+    def to_dict(self) -> dict:
+        return {"passed": self.passed, "tolerance": self.tolerance, "outputs": [asdict(o) for o in self.outputs]}
+
+
+def _session(path: Path):
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+
+def random_inputs(model: onnx.ModelProto, seed: int = 0) -> dict[str, np.ndarray]:
+    """Feeds for the model's real inputs: token ids within the vocabulary of the table they index, floats ~ N(0, 1)."""
+    rng = np.random.default_rng(seed)
+    initializers = {t.name: t for t in model.graph.initializer}
+    feeds = {}
+    for value in model.graph.input:
+        if value.name in initializers:
+            continue
+        t = value.type.tensor_type
+        shape = [d.dim_value if d.HasField("dim_value") else SYMBOLIC_SIZES[min(i, 1)] for i, d in enumerate(t.shape.dim)]
+        dtype = onnx.helper.tensor_dtype_to_np_dtype(t.elem_type)
+        if np.issubdtype(dtype, np.integer):
+            tables = [initializers[n.input[0]].dims[0] for n in model.graph.node
+                      if n.op_type == "Gather" and n.input[1] == value.name and n.input[0] in initializers]
+            feeds[value.name] = rng.integers(0, min(tables) if tables else 2, shape).astype(dtype)
+        else:
+            feeds[value.name] = rng.standard_normal(shape).astype(dtype)
+    return feeds
+
+
+def _reference(base: Path, targets: list[Target], adapter: Adapter, folder: Path) -> Path:
+    """The base with every targeted weight merged by numpy in float64, saved under ``folder``."""
+    proto = onnx.load(str(base), load_external_data=True)
+    tensors = {t.name: t for t in proto.graph.initializer}
+    nodes = {n.name: n for n in proto.graph.node}
+    readers: dict[str, int] = {}
+    for node in proto.graph.node:
+        for name in node.input:
+            readers[name] = readers.get(name, 0) + 1
+    done: set[str] = set()
+    for target in targets:
+        site = target.site
+        a = adapter.tensor(site.path, "lora_A").astype(np.float64)
+        b = adapter.tensor(site.path, "lora_B").astype(np.float64)
+        update = target.params.scale * (b @ a)  # [out, in]
+        node = nodes[site.node]
+        operand = node.input[1]
+        if operand == site.weight and readers.get(site.weight, 0) == 1:
+            if site.weight in done:
+                continue
+            w = numpy_helper.to_array(tensors[site.weight])
+            merged = (w.astype(np.float64) + (update if site.layout == "out_in" else update.T)).astype(w.dtype)
+            tensors[site.weight].CopyFrom(numpy_helper.from_array(merged, site.weight))
+            done.add(site.weight)
+        else:  # a shared (or indirectly read) weight: give this node its own merged copy, in the layout it reads
+            w = numpy_helper.to_array(tensors[site.weight]).astype(np.float64)
+            w_out_in = w if site.layout == "out_in" else w.T
+            trans_b = any(att.name == "transB" and att.i == 1 for att in node.attribute)
+            merged = w_out_in + update
+            merged = (merged if trans_b else merged.T).astype(numpy_helper.to_array(tensors[site.weight]).dtype)
+            name = f"{site.path}.weight.reference"
+            proto.graph.initializer.append(numpy_helper.from_array(merged, name))
+            node.input[1] = name
+    path = folder / "reference.onnx"
+    onnx.save_model(proto, str(path), save_as_external_data=True, location="reference.onnx.data")
+    return path
+
+
+def verify(base: str | os.PathLike, rewritten: str | os.PathLike, adapter: str | os.PathLike | Adapter,
+           inputs: dict[str, np.ndarray] | str | os.PathLike | None = None, tol: float = 1e-4, seed: int = 0,
+           prefix: str | None = None) -> VerifyReport:
+    """Run ``rewritten`` and the independent reference on the same inputs; compare every output."""
+    base, rewritten = Path(base), Path(rewritten)
+    adapter = adapter if isinstance(adapter, Adapter) else load_adapter(adapter)
+    report = find_sites(load_model(base), prefix=prefix, wanted=adapter.modules)
+    targets = plan(report.sites, adapter.rule, report.output_heads, adapter)
+    load_model(rewritten)  # typed errors for a missing or corrupt file
+    base_proto = onnx.load(str(base), load_external_data=False)
+    if inputs is None:
+        feeds = random_inputs(base_proto, seed)
+    elif isinstance(inputs, dict):
+        feeds = inputs
+    else:
+        with np.load(inputs) as npz:
+            feeds = {k: npz[k] for k in npz.files}
+    with tempfile.TemporaryDirectory() as tmp:
+        reference = _session(_reference(base, targets, adapter, Path(tmp)))
+        sessions = {"base": _session(base), "rewritten": _session(rewritten), "reference": reference}
+        for role, session in sessions.items():
+            names = {i.name for i in session.get_inputs()}
+            unknown = sorted(set(feeds) - names)
+            if unknown:
+                raise ModelError(f"{rewritten if role == 'rewritten' else base}: has no input(s) {unknown}")
+        outputs = [o.name for o in reference.get_outputs()]
+        missing = sorted(set(outputs) - {o.name for o in sessions["rewritten"].get_outputs()})
+        if missing:
+            raise ModelError(f"{rewritten}: lacks the base model's output(s) {missing}")
+        results = {role: dict(zip(outputs, s.run(outputs, feeds))) for role, s in sessions.items()}
+    checks = VerifyReport(tol)
+    for name in outputs:
+        ref = results["reference"][name].astype(np.float64)
+        scale = float(np.abs(ref).max()) or 1.0
+        err = float(np.abs(results["rewritten"][name].astype(np.float64) - ref).max())
+        moved = float(np.abs(results["base"][name].astype(np.float64) - ref).max())
+        checks.outputs.append(OutputCheck(name, err, err / scale, moved / scale, err / scale <= tol))
+    return checks
+
+
+def add_verify_parser(subparsers) -> None:
+    p = subparsers.add_parser("verify", help="compare a rewritten model with the base merged by an independent numpy path")
+    p.add_argument("base", help="the base .onnx the rewrite started from")
+    p.add_argument("rewritten", help="the rewritten .onnx (merge or dynamic)")
+    p.add_argument("--adapter", required=True, metavar="DIR", help="the PEFT adapter the rewrite applied")
+    p.add_argument("--inputs", metavar="NPZ", help="input arrays by name (default: random inputs of the right dtypes)")
+    p.add_argument("--tol", type=float, default=1e-4, help="max |error| / max |reference| per output (default 1e-4)")
+    p.add_argument("--prefix", help="wrapper scope to strip from module paths (default: detected)")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=_cmd_verify)
+
+
+def _cmd_verify(args) -> int:
+    import json
+    import sys
+
+    if args.inputs and not Path(args.inputs).is_file():
+        raise ModelError(f"{args.inputs}: no such inputs file")
+    report = verify(args.base, args.rewritten, args.adapter, args.inputs, args.tol, prefix=args.prefix)
+    if args.json:
+        print(json.dumps(report.to_dict(), indent=2))
+    else:
+        for o in report.outputs:
+            print(f"{'ok  ' if o.passed else 'FAIL'} {o.name}: max abs {o.max_abs:.3e}, relative {o.max_rel:.3e} "
+                  f"(tolerance {report.tolerance:g}); the adapter moves it by {o.changed_from_base:.3e}")
+    if not report.passed:
+        bad = ", ".join(o.name for o in report.outputs if not o.passed)
+        print(f"lorapass: verify failed: {bad} past tolerance {report.tolerance:g}", file=sys.stderr)
+    return 0 if report.passed else 1
