@@ -43,16 +43,19 @@ def copy_files(model: Path, out: Path) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--layers", type=int, default=LLAMA_1B["layers"])
+    for key in ("layers", "hidden", "intermediate", "vocab"):
+        parser.add_argument(f"--{key}", type=int, default=LLAMA_1B[key])
     parser.add_argument("--repeat", type=int, default=3)
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(dir=Path(__file__).parent) as tmp:
         tmp = Path(tmp)
         model = tmp / "llama1b.onnx"
         t = time.perf_counter()
-        sizes = build(model, layers=args.layers)
+        shape = {**LLAMA_1B, "layers": args.layers, "hidden": args.hidden, "intermediate": args.intermediate,
+                 "vocab": args.vocab}
+        sizes = build(model, **shape)
         build_s = time.perf_counter() - t
-        write_adapter(tmp / "adapter", linears(**{**LLAMA_1B, "layers": args.layers}), r=16, alpha=32)
+        write_adapter(tmp / "adapter", linears(**shape), r=16, alpha=32)
         copies, merges = [], []
         for i in range(args.repeat):  # alternate so both see the same page-cache state
             copies.append(copy_files(model, tmp / f"copy{i}.onnx"))
@@ -71,7 +74,7 @@ def main() -> None:
     rss_budget = 3 * sizes["largest_tensor_bytes"] + 300 * 2**20
     print(json.dumps({
         "model": {"params": sizes["params"], "data_bytes": sizes["bytes"], "largest_tensor_bytes": sizes["largest_tensor_bytes"],
-                  "layers": args.layers, "dtype": "float16", "build_s": round(build_s, 2)},
+                  **shape, "dtype": "float16", "build_s": round(build_s, 2)},
         "adapter": {"r": 16, "alpha": 32, "targets": merges[0]["targets"]},
         "merge_wall_s_median": round(merge_s, 3), "merge_wall_s": [round(m["wall_s"], 3) for m in merges],
         "copy_wall_s_median": round(copy_s, 3), "copy_wall_s": [round(c, 3) for c in copies],

@@ -39,15 +39,17 @@ class OutputCheck:
 
 @dataclass
 class VerifyReport:
-    tolerance: float
+    tolerance: float  # rtol: allowed max |error| as a fraction of max |reference|
     outputs: list[OutputCheck] = field(default_factory=list)
+    atol: float = 0.0  # added to tolerance·max |reference|: an output passes when max_abs <= atol + rtol·max|ref|
 
     @property
     def passed(self) -> bool:
         return all(o.passed for o in self.outputs)
 
     def to_dict(self) -> dict:
-        return {"passed": self.passed, "tolerance": self.tolerance, "outputs": [asdict(o) for o in self.outputs]}
+        return {"passed": self.passed, "tolerance": self.tolerance, "rtol": self.tolerance, "atol": self.atol,
+                "outputs": [asdict(o) for o in self.outputs]}
 
 
 def _session(path: Path):
@@ -56,6 +58,33 @@ def _session(path: Path):
     options = ort.SessionOptions()
     options.log_severity_level = 3
     return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+
+_VALUE_PRESERVING = {"Reshape", "Identity", "Cast", "Squeeze", "Unsqueeze", "Flatten", "Expand"}
+
+
+def gather_rows(model: onnx.ModelProto, name: str) -> int | None:
+    """The row count of the smallest constant table ``name`` indexes (through reshapes and casts), if any."""
+    constants = {t.name: t.dims[0] for t in model.graph.initializer if t.dims}
+    for node in model.graph.node:  # tables shared through Identity keep their size
+        if node.op_type == "Identity" and node.input[0] in constants:
+            constants[node.output[0]] = constants[node.input[0]]
+    consumers: dict[str, list[onnx.NodeProto]] = {}
+    for node in model.graph.node:
+        for i, value in enumerate(node.input):
+            consumers.setdefault(value, []).append((node, i))
+    rows, todo, seen = [], [name], set()
+    while todo:
+        value = todo.pop()
+        if value in seen:
+            continue
+        seen.add(value)
+        for node, i in consumers.get(value, []):
+            if node.op_type == "Gather" and i == 1 and node.input[0] in constants:
+                rows.append(constants[node.input[0]])
+            elif node.op_type in _VALUE_PRESERVING and i == 0:
+                todo.extend(node.output)
+    return min(rows) if rows else None
 
 
 def random_inputs(model: onnx.ModelProto, seed: int = 0) -> dict[str, np.ndarray]:
@@ -70,12 +99,46 @@ def random_inputs(model: onnx.ModelProto, seed: int = 0) -> dict[str, np.ndarray
         shape = [d.dim_value if d.HasField("dim_value") else SYMBOLIC_SIZES[min(i, 1)] for i, d in enumerate(t.shape.dim)]
         dtype = onnx.helper.tensor_dtype_to_np_dtype(t.elem_type)
         if np.issubdtype(dtype, np.integer):
-            tables = [initializers[n.input[0]].dims[0] for n in model.graph.node
-                      if n.op_type == "Gather" and n.input[1] == value.name and n.input[0] in initializers]
-            feeds[value.name] = rng.integers(0, min(tables) if tables else 2, shape).astype(dtype)
+            feeds[value.name] = rng.integers(0, gather_rows(model, value.name) or 2, shape).astype(dtype)
         else:
             feeds[value.name] = rng.standard_normal(shape).astype(dtype)
     return feeds
+
+
+def check_feeds(model: onnx.ModelProto, feeds: dict[str, np.ndarray], where: str) -> dict[str, np.ndarray]:
+    """Feeds that fit ``model``'s inputs (ModelError naming the input otherwise); lossless integer widening is done."""
+    initializers = {t.name: t for t in model.graph.initializer}
+    declared = {v.name: v for v in model.graph.input}
+    unknown = sorted(set(feeds) - set(declared))
+    if unknown:
+        raise ModelError(f"{where}: input(s) {unknown} are not inputs of the model (it has {sorted(set(declared) - set(initializers))})")
+    missing = sorted(n for n in declared if n not in initializers and n not in feeds)
+    if missing:
+        raise ModelError(f"{where}: no array for the model's input(s) {missing}")
+    out = {}
+    for name, array in feeds.items():
+        t = declared[name].type.tensor_type
+        want = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(t.elem_type))
+        array = np.asarray(array)
+        if array.dtype != want:
+            integral = np.issubdtype(array.dtype, np.integer) and np.issubdtype(want, np.integer)
+            if not (integral and np.can_cast(array.dtype, want, "safe")):
+                raise ModelError(f"{where}: input {name!r} is {array.dtype}, the model needs {want}")
+            array = array.astype(want)
+        if t.HasField("shape"):
+            dims = t.shape.dim
+            if array.ndim != len(dims):
+                raise ModelError(f"{where}: input {name!r} has shape {list(array.shape)}, the model needs {len(dims)} dimensions")
+            for axis, (size, d) in enumerate(zip(array.shape, dims)):
+                if d.HasField("dim_value") and d.dim_value != size:
+                    raise ModelError(f"{where}: input {name!r} has size {size} on axis {axis}, the model needs {d.dim_value}")
+        if np.issubdtype(want, np.integer) and array.size:
+            rows = gather_rows(model, name)
+            if rows and (array.min() < -rows or array.max() >= rows):
+                raise ModelError(f"{where}: input {name!r} holds ids in [{array.min()}, {array.max()}], "
+                                 f"outside the embedding table of {rows} rows")
+        out[name] = array
+    return out
 
 
 def _reference(base: Path, targets: list[Target], adapter: Adapter, folder: Path) -> Path:
@@ -108,8 +171,11 @@ def _reference(base: Path, targets: list[Target], adapter: Adapter, folder: Path
             trans_b = any(att.name == "transB" and att.i == 1 for att in node.attribute)
             merged = w_out_in + update
             merged = (merged if trans_b else merged.T).astype(numpy_helper.to_array(tensors[site.weight]).dtype)
-            name = f"{site.path}.weight.reference"
+            name, i = f"{site.path}.weight.reference", 1
+            while name in tensors:  # one module may be computed by several nodes
+                name, i = f"{site.path}.weight.reference_{i}", i + 1
             proto.graph.initializer.append(numpy_helper.from_array(merged, name))
+            tensors[name] = proto.graph.initializer[-1]
             node.input[1] = name
     path = folder / "reference.onnx"
     onnx.save_model(proto, str(path), save_as_external_data=True, location="reference.onnx.data")
@@ -118,8 +184,15 @@ def _reference(base: Path, targets: list[Target], adapter: Adapter, folder: Path
 
 def verify(base: str | os.PathLike, rewritten: str | os.PathLike, adapter: str | os.PathLike | Adapter,
            inputs: dict[str, np.ndarray] | str | os.PathLike | None = None, tol: float = 1e-4, seed: int = 0,
-           prefix: str | None = None) -> VerifyReport:
-    """Run ``rewritten`` and the independent reference on the same inputs; compare every output."""
+           prefix: str | None = None, atol: float = 0.0) -> VerifyReport:
+    """Run ``rewritten`` and the independent reference on the same inputs; compare every output.
+
+    An output passes when max |rewritten - reference| <= atol + tol · max |reference|. Raises lorapass
+    errors (ModelError, AdapterError, ...) on bad input: missing files, an adapter that does not fit the
+    base, or inputs whose names, dtypes or shapes the model does not take.
+    """
+    if not (tol >= 0 and atol >= 0):  # also rejects NaN
+        raise ValueError(f"tolerances must be >= 0 (tol={tol}, atol={atol})")
     base, rewritten = Path(base), Path(rewritten)
     adapter = adapter if isinstance(adapter, Adapter) else load_adapter(adapter)
     report = find_sites(load_model(base), prefix=prefix, wanted=adapter.modules)
@@ -129,10 +202,16 @@ def verify(base: str | os.PathLike, rewritten: str | os.PathLike, adapter: str |
     if inputs is None:
         feeds = random_inputs(base_proto, seed)
     elif isinstance(inputs, dict):
-        feeds = inputs
+        feeds = check_feeds(base_proto, inputs, "inputs")
     else:
-        with np.load(inputs) as npz:
-            feeds = {k: npz[k] for k in npz.files}
+        if not Path(inputs).is_file():
+            raise ModelError(f"{inputs}: no such inputs file")
+        try:
+            with np.load(inputs, allow_pickle=False) as npz:
+                feeds = {k: npz[k] for k in npz.files}
+        except Exception as exc:  # zipfile, pickle and format errors: the file is not a plain .npz
+            raise ModelError(f"{inputs}: not a readable .npz of arrays ({type(exc).__name__}: {exc})") from exc
+        feeds = check_feeds(base_proto, feeds, str(inputs))
     with tempfile.TemporaryDirectory() as tmp:
         reference = _session(_reference(base, targets, adapter, Path(tmp)))
         sessions = {"base": _session(base), "rewritten": _session(rewritten), "reference": reference}
@@ -146,13 +225,13 @@ def verify(base: str | os.PathLike, rewritten: str | os.PathLike, adapter: str |
         if missing:
             raise ModelError(f"{rewritten}: lacks the base model's output(s) {missing}")
         results = {role: dict(zip(outputs, s.run(outputs, feeds))) for role, s in sessions.items()}
-    checks = VerifyReport(tol)
+    checks = VerifyReport(tol, atol=atol)
     for name in outputs:
         ref = results["reference"][name].astype(np.float64)
         scale = float(np.abs(ref).max()) or 1.0
         err = float(np.abs(results["rewritten"][name].astype(np.float64) - ref).max())
         moved = float(np.abs(results["base"][name].astype(np.float64) - ref).max())
-        checks.outputs.append(OutputCheck(name, err, err / scale, moved / scale, err / scale <= tol))
+        checks.outputs.append(OutputCheck(name, err, err / scale, moved / scale, err <= atol + tol * scale))
     return checks
 
 
@@ -162,26 +241,40 @@ def add_verify_parser(subparsers) -> None:
     p.add_argument("rewritten", help="the rewritten .onnx (merge or dynamic)")
     p.add_argument("--adapter", required=True, metavar="DIR", help="the PEFT adapter the rewrite applied")
     p.add_argument("--inputs", metavar="NPZ", help="input arrays by name (default: random inputs of the right dtypes)")
-    p.add_argument("--tol", type=float, default=1e-4, help="max |error| / max |reference| per output (default 1e-4)")
+    p.add_argument("--tol", "--rtol", dest="tol", type=_tolerance, default=1e-4, metavar="RTOL",
+                   help="allowed max |error| as a fraction of max |reference|, per output (default 1e-4)")
+    p.add_argument("--atol", type=_tolerance, default=0.0,
+                   help="absolute allowance added to it: pass when max |error| <= atol + rtol * max |reference| (default 0)")
     p.add_argument("--prefix", help="wrapper scope to strip from module paths (default: detected)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=_cmd_verify)
+
+
+def _tolerance(text: str) -> float:
+    import argparse
+
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not value >= 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {text!r}")
+    return value
 
 
 def _cmd_verify(args) -> int:
     import json
     import sys
 
-    if args.inputs and not Path(args.inputs).is_file():
-        raise ModelError(f"{args.inputs}: no such inputs file")
-    report = verify(args.base, args.rewritten, args.adapter, args.inputs, args.tol, prefix=args.prefix)
+    report = verify(args.base, args.rewritten, args.adapter, args.inputs, args.tol, prefix=args.prefix, atol=args.atol)
     if args.json:
         print(json.dumps(report.to_dict(), indent=2))
     else:
         for o in report.outputs:
+            allowed = f"rtol {report.tolerance:g}" + (f" + atol {report.atol:g}" if report.atol else "")
             print(f"{'ok  ' if o.passed else 'FAIL'} {o.name}: max abs {o.max_abs:.3e}, relative {o.max_rel:.3e} "
-                  f"(tolerance {report.tolerance:g}); the adapter moves it by {o.changed_from_base:.3e}")
+                  f"({allowed}); the adapter moves it by {o.changed_from_base:.3e}")
     if not report.passed:
-        bad = ", ".join(o.name for o in report.outputs if not o.passed)
+        bad = ", ".join(f"{o.name} (max abs {o.max_abs:.3e}, relative {o.max_rel:.3e})" for o in report.outputs if not o.passed)
         print(f"lorapass: verify failed: {bad} past tolerance {report.tolerance:g}", file=sys.stderr)
     return 0 if report.passed else 1

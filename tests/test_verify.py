@@ -8,8 +8,8 @@ import shutil
 import numpy as np
 import onnx
 import pytest
-
 from builders import example_ids, make_adapter
+
 from lorapass.cli import main
 
 
@@ -79,3 +79,52 @@ def test_verify_with_inputs_file(rewritten, tmp_path, capsys):
     assert main(["verify", str(base), str(outs["merge"]), "--adapter", str(adapter), "--inputs", str(tmp_path / "wrong.npz")]) == 2
     assert "tokens" in capsys.readouterr().err
     assert main(["verify", str(base), str(tmp_path / "missing.onnx"), "--adapter", str(adapter)]) == 2
+
+
+def test_verify_bad_inputs_exit_2(rewritten, tmp_path, capsys):
+    _, base, adapter, outs = rewritten
+    cmd = ["verify", str(base), str(outs["dynamic"]), "--adapter", str(adapter), "--inputs"]
+    ids = example_ids(batch=1, seq=5).numpy()
+    np.savez(tmp_path / "i32.npz", input_ids=ids.astype(np.int32))  # lossless integer widening is accepted
+    assert main([*cmd, str(tmp_path / "i32.npz")]) == 0
+    capsys.readouterr()
+    for name, arrays, needle in [
+        ("float", {"input_ids": ids.astype(np.float32)}, "float32"),
+        ("rank", {"input_ids": ids[0]}, "dimensions"),
+        ("empty", {}, "no array for"),
+        ("vocab", {"input_ids": ids + 10_000}, "embedding table"),
+    ]:
+        np.savez(tmp_path / f"{name}.npz", **arrays)
+        assert main([*cmd, str(tmp_path / f"{name}.npz")]) == 2, name
+        assert needle in capsys.readouterr().err, name
+    (tmp_path / "junk.npz").write_text("not a zip")
+    assert main([*cmd, str(tmp_path / "junk.npz")]) == 2
+    assert main([*cmd, str(tmp_path / "absent.npz")]) == 2
+
+
+def test_verify_adapter_that_does_not_fit_exits_2(rewritten, exported, tmp_path, capsys):
+    model, base, _, outs = rewritten
+    other_family = "gpt2" if model.config.model_type == "llama" else "llama"
+    other_model, _ = exported(other_family)
+    make_adapter(other_model, tmp_path / "foreign", r=4, lora_alpha=8, target_modules="all-linear")
+    assert main(["verify", str(base), str(outs["merge"]), "--adapter", str(tmp_path / "foreign")]) == 2
+    assert "lorapass: error:" in capsys.readouterr().err
+    assert main(["verify", str(base), str(outs["merge"]), "--adapter", str(tmp_path / "no-such-adapter")]) == 2
+
+
+def test_verify_rtol_atol(rewritten, capsys):
+    _, base, adapter, outs = rewritten
+    cmd = ["verify", str(base), str(outs["dynamic"]), "--adapter", str(adapter), "--json"]
+    assert main(cmd) == 0
+    max_abs = json.loads(capsys.readouterr().out)["outputs"][0]["max_abs"]
+    assert max_abs > 0
+    assert main([*cmd, "--rtol", "0", "--atol", str(max_abs / 2)]) == 1  # exact: past atol alone
+    capsys.readouterr()
+    assert main([*cmd, "--rtol", "0", "--atol", str(max_abs * 2)]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["rtol"] == 0 and report["atol"] == max_abs * 2
+    assert main([*cmd, "--tol", "0"]) == 1
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exc:  # argparse: usage error, exit 2
+        main([*cmd, "--tol", "-1"])
+    assert exc.value.code == 2
