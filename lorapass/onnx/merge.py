@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from collections import defaultdict
 
 import ml_dtypes
@@ -59,7 +60,9 @@ def _fold_numpy(w: np.ndarray, left: np.ndarray, right: np.ndarray, rows: int) -
 
 def _fold_torch(torch, w: np.ndarray, left: np.ndarray, right: np.ndarray, rows: int) -> np.ndarray:
     bf16 = w.dtype == ml_dtypes.bfloat16  # numpy has no bfloat16: cross over as raw 16-bit words
-    weight = torch.from_numpy(w.view(np.uint16)).view(torch.bfloat16) if bf16 else torch.from_numpy(w)
+    with warnings.catch_warnings():  # W may be read-only (a memory map); it is only ever read
+        warnings.simplefilter("ignore", UserWarning)
+        weight = torch.from_numpy(w.view(np.uint16)).view(torch.bfloat16) if bf16 else torch.from_numpy(w)
     lhs, rhs = torch.from_numpy(left), torch.from_numpy(right)
     out = torch.empty_like(weight)
     threads = torch.get_num_threads()
