@@ -86,6 +86,16 @@ FAMILIES: dict[str, Family] = {
 }
 
 
+PEFT_CONFIGS = {  # LoraConfig keyword sets that exercise PEFT's targeting semantics on the llama family
+    "rslora-all-linear": dict(r=8, lora_alpha=16, use_rslora=True, target_modules="all-linear"),
+    "rank-alpha-pattern": dict(r=4, lora_alpha=4, target_modules=["q_proj", "v_proj", "gate_proj"], rank_pattern={"v_proj": 2},
+                               alpha_pattern={r"layers\.1\.self_attn\.q_proj": 32}),
+    "regex": dict(r=4, lora_alpha=8, target_modules=r".*\.(k_proj|up_proj)"),
+    "layers": dict(r=4, lora_alpha=8, target_modules=["k_proj", "up_proj"], layers_to_transform=[1], layers_pattern="layers"),
+    "exclude": dict(r=2, lora_alpha=8, target_modules=["q_proj", "o_proj"], exclude_modules=["model.layers.0.self_attn.o_proj"]),
+}
+
+
 class Wrapper(torch.nn.Module):
     """What users export: a module holding the model that returns one tensor (logits or hidden states)."""
 

@@ -7,7 +7,7 @@ import warnings
 import numpy as np
 import pytest
 import torch
-from builders import FAMILIES, Wrapper, build, eager, example_ids, make_adapter, rel_err
+from builders import PEFT_CONFIGS, FAMILIES, Wrapper, build, eager, example_ids, make_adapter, rel_err
 
 from lorapass import fx
 from lorapass.adapter import load_adapter
@@ -108,14 +108,7 @@ def test_dynamic_without_adapter_is_the_base_model(case):
     assert "m.lm_head.lora_A" not in rewritten.state_dict  # all-linear leaves the output head alone
 
 
-@pytest.mark.parametrize("config", [
-    dict(r=8, lora_alpha=16, use_rslora=True, target_modules="all-linear"),
-    dict(r=4, lora_alpha=4, target_modules=["q_proj", "v_proj", "gate_proj"], rank_pattern={"v_proj": 2},
-         alpha_pattern={r"layers\.1\.self_attn\.q_proj": 32}),
-    dict(r=4, lora_alpha=8, target_modules=r".*\.(k_proj|up_proj)"),
-    dict(r=4, lora_alpha=8, target_modules=["k_proj", "up_proj"], layers_to_transform=[1], layers_pattern="layers"),
-    dict(r=2, lora_alpha=8, target_modules=["q_proj", "o_proj"], exclude_modules=["model.layers.0.self_attn.o_proj"]),
-], ids=["rslora-all-linear", "rank-alpha-pattern", "regex", "layers", "exclude"])
+@pytest.mark.parametrize("config", list(PEFT_CONFIGS.values()), ids=list(PEFT_CONFIGS))
 def test_peft_config_semantics(case, tmp_path, config):
     model, program, _, ids, _, _ = case("llama")
     peft_model = make_adapter(model, tmp_path / "adapter", **config)

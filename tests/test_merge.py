@@ -9,7 +9,7 @@ import onnx
 import pytest
 import torch
 
-from builders import FAMILIES, build, eager, example_ids, export, make_adapter, rel_err, run_onnx
+from builders import PEFT_CONFIGS, FAMILIES, build, eager, example_ids, export, make_adapter, rel_err, run_onnx
 from lorapass.cli import main
 
 TOL = 1e-4
@@ -38,14 +38,7 @@ def test_merge_matches_peft(exported, tmp_path, family, dynamo):
     assert [o.name for o in dst.graph.output] == [o.name for o in src.graph.output]
 
 
-@pytest.mark.parametrize("config", [
-    dict(r=8, lora_alpha=16, use_rslora=True, target_modules="all-linear"),
-    dict(r=4, lora_alpha=4, target_modules=["q_proj", "v_proj", "gate_proj"], rank_pattern={"v_proj": 2},
-         alpha_pattern={r"layers\.1\.self_attn\.q_proj": 32}),
-    dict(r=4, lora_alpha=8, target_modules=r".*\.(k_proj|up_proj)"),
-    dict(r=4, lora_alpha=8, target_modules=["k_proj", "up_proj"], layers_to_transform=[1], layers_pattern="layers"),
-    dict(r=2, lora_alpha=8, target_modules=["q_proj", "o_proj"], exclude_modules=["model.layers.0.self_attn.o_proj"]),
-], ids=["rslora-all-linear", "rank-alpha-pattern", "regex", "layers", "exclude"])
+@pytest.mark.parametrize("config", list(PEFT_CONFIGS.values()), ids=list(PEFT_CONFIGS))
 def test_merge_follows_peft_config_semantics(exported, tmp_path, config):
     model, onnx_path = exported("llama")
     peft_model = make_adapter(model, tmp_path / "adapter", **config)
