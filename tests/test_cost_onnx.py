@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import warnings
 from pathlib import Path
 
 import numpy as np
@@ -13,6 +12,7 @@ import transformers as tf
 import yaml
 from onnx import TensorProto, helper, numpy_helper
 
+from builders import export
 from lorapass.cost import ops as O
 from lorapass.cost.analysis import Analyser, ModelSource, Workload, strip_lora
 from lorapass.cost.config import build_graph, load_config
@@ -28,27 +28,12 @@ TINY = dict(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_la
             num_key_value_heads=2)
 
 
-class W(torch.nn.Module):
-    def __init__(self, m: torch.nn.Module) -> None:
-        super().__init__()
-        self.m = m
-
-    def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        return self.m(input_ids=ids, use_cache=False).logits
-
-
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory) -> tuple[Path, Path]:
     """(ONNX export of a tiny Llama, the models/-style config of the same architecture)."""
     folder = tmp_path_factory.mktemp("tiny_llama")
     torch.manual_seed(0)
-    m = tf.LlamaForCausalLM(tf.LlamaConfig(**TINY)).eval()
-    ids = torch.randint(0, 128, (2, 7))
-    path = folder / "model.onnx"
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        torch.onnx.export(W(m).eval(), (ids,), str(path), dynamo=True, dynamic_shapes=({0: "batch", 1: "seq"},),
-                          verbose=False)
+    path = export(tf.LlamaForCausalLM(tf.LlamaConfig(**TINY)).eval(), folder / "model.onnx")
     cfg = folder / "tiny-llama.yaml"
     # the same fields as models/*.yaml (Hugging Face names), kept here: it is a test architecture
     cfg.write_text(yaml.safe_dump({"name": "tiny-llama", "family": "llama", "max_position_embeddings": 2048,
