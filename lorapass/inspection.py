@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import difflib
 import os
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 
 from lorapass.adapter import Adapter
 from lorapass.errors import LorapassError
@@ -31,7 +31,7 @@ class Inspection:
             "prefix_source": self.report.prefix_source,
             "output_heads": self.report.output_heads,
             "unresolved_nodes": self.report.unresolved,
-            "sites": [asdict(s) | {"target": self.hits.get(s.path)} for s in self.report.sites],
+            "sites": [s.to_dict() | {"target": self.hits.get(s.path)} for s in self.report.sites],
             "unmatched_adapter_modules": self.unmatched_adapter_modules,
             "problems": self.problems,
         }

@@ -36,32 +36,31 @@ def lora_inputs(model: str | os.PathLike) -> dict[str, tuple[list[int | str], np
 def adapter_parameters(adapter: Adapter, model: str | os.PathLike) -> dict[str, np.ndarray]:
     """The adapter's A [in, r] and scale·B [r, out] keyed by the graph's input names, checked against them.
 
-    Uses the graph's own ``lorapass.lora`` record for which module paths have slots and the adapter's
-    config for each module's rank and scale (rank_pattern / alpha_pattern / rslora as PEFT resolves them).
+    Uses the graph's own ``lorapass.lora`` record for which module paths have slots and each adapter module's
+    own rank and scale (for PEFT: rank_pattern / alpha_pattern / rslora as PEFT resolves them).
     """
     slots = lora_inputs(model)
     params: dict[str, np.ndarray] = {}
     unknown = []
-    for module in adapter.modules:
+    for module, kind in adapter.modules.items():
         a_name, b_name = f"{module}.lora_A", f"{module}.lora_B"
         if a_name not in slots or b_name not in slots:
             unknown.append(module)
             continue
-        p = adapter.rule.params(module)
-        a, b = adapter.tensor(module, "lora_A"), adapter.tensor(module, "lora_B")
-        arrays = {a_name: a.T, b_name: (b * np.float32(p.scale)).T}
+        up, down = kind.low_rank()
+        arrays = {a_name: down.T, b_name: up.T}
         for name, array in arrays.items():
             dims, dtype = slots[name]
             fixed = [(i, d) for i, d in enumerate(dims) if isinstance(d, int)]
             if array.ndim != len(dims) or any(array.shape[i] != d for i, d in fixed):
                 raise ShapeMismatchError(
-                    f"{adapter.directory}: {adapter.key(module, name.rsplit('.', 1)[1])} gives {name} shape "
+                    f"{adapter.source}: {kind.key(name.rsplit('.', 1)[1])} gives {name} shape "
                     f"{list(array.shape)}, the graph input {name!r} is {dims}")
             params[name] = np.ascontiguousarray(array, dtype=dtype)
     if unknown:
         names = sorted(slots)
         raise AdapterError(
-            f"{adapter.directory}: {len(unknown)} adapter module(s) have no LoRA input in {model}: "
+            f"{adapter.source}: {len(unknown)} adapter module(s) have no LoRA input in {model}: "
             + ", ".join(f"{m!r} (expects inputs {m}.lora_A/.lora_B)" for m in unknown[:5])
             + f"; the graph's LoRA inputs are e.g. {names[:4]}")
     return params

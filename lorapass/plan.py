@@ -6,18 +6,22 @@ import difflib
 from dataclasses import dataclass
 
 from lorapass.adapter import Adapter
-from lorapass.errors import AdapterError, ShapeMismatchError
+from lorapass.errors import AdapterError, RuleError
+from lorapass.kinds import Kind
 from lorapass.rules import LoraParams, LoraRule, RuleSet
 from lorapass.site import Site
+
+_SCALE_FIELDS = {"r", "lora_alpha", "rank_pattern", "alpha_pattern", "use_rslora"}
 
 
 @dataclass(frozen=True)
 class Target:
-    """One site a rule selected, with the LoRA parameters it resolved for it."""
+    """One site a rule selected, with its LoRA parameters and (given an adapter) the module applied to it."""
 
     site: Site
     rule: LoraRule
     params: LoraParams
+    module: Kind | None = None
 
 
 def _near(name: str, candidates: list[str]) -> str:
@@ -26,18 +30,30 @@ def _near(name: str, candidates: list[str]) -> str:
 
 
 def plan(sites: list[Site], rules: LoraRule | RuleSet, output_heads: list[str] = (), adapter: Adapter | None = None) -> list[Target]:
-    """The targets ``rules`` select among ``sites``; with ``adapter``, check its modules and shapes fit them.
+    """The targets ``rules`` select among ``sites``; with ``adapter``, each gets its module, checked to fit.
 
-    Raises RuleError when a rule selects nothing, AdapterError when adapter modules fit no selected site
-    (each named, with the closest site path), and ShapeMismatchError naming key, shapes and site.
+    With an adapter, rank, alpha and scale are the adapter's own (its format resolves them); rules that set
+    them explicitly to something else are an error, never a silent rescale. Raises RuleError when a rule
+    selects nothing, AdapterError when adapter modules fit no selected site (each named, with the closest
+    site path), and ShapeMismatchError naming key, shapes and site.
     """
     ruleset = rules if isinstance(rules, RuleSet) else RuleSet(rules=[rules])
     paths = list(dict.fromkeys(s.path for s in sites))
     selected = ruleset.select(paths, output_heads)
     targets = [Target(s, *selected[s.path]) for s in sites if s.path in selected]
-    if adapter is not None:
-        check_adapter(targets, adapter, paths)
-    return targets
+    if adapter is None:
+        return targets
+    check_adapter(targets, adapter, paths)
+    out = []
+    for t in targets:
+        module = adapter.modules[t.site.path]
+        params = LoraParams(r=module.r, alpha=module.alpha, scale=module.scale)
+        if t.rule is not adapter.rule and t.rule.model_fields_set & _SCALE_FIELDS and t.params != params:
+            raise RuleError(f"rule {t.rule.name!r} gives {t.site.path!r} r={t.params.r} alpha={t.params.alpha:g}, but the "
+                            f"adapter {adapter.source} has r={module.r} alpha={module.alpha:g} there; drop r/lora_alpha/"
+                            "patterns from the rules to use the adapter's own")
+        out.append(Target(t.site, t.rule, params, module))
+    return out
 
 
 def check_adapter(targets: list[Target], adapter: Adapter, paths: list[str]) -> None:
@@ -48,23 +64,14 @@ def check_adapter(targets: list[Target], adapter: Adapter, paths: list[str]) -> 
         lines = []
         for module in stray[:10]:
             why = "is a site the rules do not select" if module in paths else "matches no site in the graph"
-            lines.append(f"  {adapter.key(module, 'lora_A')}: module {module!r} {why}{_near(module, paths) if module not in paths else ''}")
+            where = _near(module, paths) if module not in paths else ""
+            lines.append(f"  {adapter.key(module)}: module {module!r} {why}{where}")
         more = f"\n  ... and {len(stray) - 10} more" if len(stray) > 10 else ""
-        raise AdapterError(f"{adapter.directory}: {len(stray)} adapter module(s) fit no target:\n" + "\n".join(lines) + more)
+        raise AdapterError(f"{adapter.source}: {len(stray)} adapter module(s) fit no target:\n" + "\n".join(lines) + more)
     missing = sorted(chosen - set(adapter.modules))
     if missing:
         raise AdapterError(
-            f"{adapter.directory}: the rules select {len(missing)} site(s) the adapter has no weights for, "
-            f"e.g. {missing[:3]}"
-        )
+            f"{adapter.source}: the rules select {len(missing)} site(s) the adapter has no weights for, "
+            f"e.g. {missing[:3]}")
     for target in targets:
-        site, r = target.site, target.params.r
-        expected = {"lora_A": (r, site.in_features), "lora_B": (site.out_features, r)}
-        for kind, shape in expected.items():
-            actual = adapter.shape(site.path, kind)
-            if actual != shape:
-                raise ShapeMismatchError(
-                    f"{adapter.directory}: {adapter.key(site.path, kind)} has shape {list(actual)}, "
-                    f"site {site.path!r} ({site.op} {site.node!r}, {site.in_features}->{site.out_features}, r={r}) "
-                    f"needs {list(shape)}"
-                )
+        adapter.modules[target.site.path].check(target.site)

@@ -1,29 +1,34 @@
-"""The site: one linear layer found in a graph, named by its torch module path."""
+"""The site: one adaptable layer found in a graph, named by its torch module path."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Literal
+from dataclasses import dataclass, field
+from typing import Any, Literal
 
 Layout = Literal["in_out", "out_in"]
-"""How the weight is stored: ``in_out`` is [in, out] (y = x @ W: MatMul, Gemm transB=0, GPT-2 Conv1D);
+"""How a linear weight is stored: ``in_out`` is [in, out] (y = x @ W: MatMul, Gemm transB=0, GPT-2 Conv1D);
 ``out_in`` is [out, in] (y = x @ W.T: Gemm transB=1, torch.nn.Linear's own layout)."""
+
+SiteKind = Literal["linear", "conv", "embedding"]
 
 
 @dataclass(frozen=True)
 class Site:
-    """One linear layer of a graph.
+    """One adaptable layer of a graph.
 
     ``path`` is the module path relative to the model root PEFT sees (``model.layers.0.self_attn.q_proj``);
-    ``node`` names the graph node computing x @ W, ``weight`` the tensor holding W, ``output`` the value
-    after the bias (where a LoRA branch joins), ``source`` the resolution strategy that named the path.
+    ``node`` names the graph node computing with the weight, ``weight`` the tensor holding it, ``output`` the
+    value after the bias (where a LoRA branch joins), ``source`` the naming strategy and ``dialect`` the
+    exporter naming table that gave the path. ``storage`` is the frontend's view of the weight (read it as
+    float32 in torch's layout, record edits); ``layout`` describes it (``in_out``/``out_in`` for a plain
+    linear, more for packed or quantized weights).
     """
 
     path: str
     op: str
     node: str
     weight: str
-    layout: Layout
+    layout: str
     in_features: int
     out_features: int
     dtype: str
@@ -32,8 +37,15 @@ class Site:
     bias: str | None = None
     source: str = ""
     module_class: str | None = None
+    kind: SiteKind = "linear"
+    dialect: str = ""
+    storage: Any = field(default=None, compare=False, repr=False)
 
     @property
     def layer_shape(self) -> tuple[int, int]:
         """(out_features, in_features): the shape of the weight in torch.nn.Linear's layout."""
         return (self.out_features, self.in_features)
+
+    def to_dict(self) -> dict:
+        """The site as plain data (for ``inspect --json``)."""
+        return {k: v for k, v in self.__dict__.items() if k != "storage"}

@@ -153,9 +153,9 @@ def _reference(base: Path, targets: list[Target], adapter: Adapter, folder: Path
     done: set[str] = set()
     for target in targets:
         site = target.site
-        a = adapter.tensor(site.path, "lora_A").astype(np.float64)
-        b = adapter.tensor(site.path, "lora_B").astype(np.float64)
-        update = target.params.scale * (b @ a)  # [out, in]
+        a = target.module.a.read().astype(np.float64)
+        b = target.module.b.read().astype(np.float64)
+        update = target.module.scale * (b @ a)  # [out, in], from the file's own tensors, not the kind's arithmetic
         node = nodes[site.node]
         operand = node.input[1]
         if operand == site.weight and readers.get(site.weight, 0) == 1:

@@ -68,11 +68,11 @@ def apply(model: torch.nn.Module | ExportedProgram | GraphModule, rules_or_adapt
     if strategy == "merge":
         from lorapass.fx.merge import merge
 
-        merge(program, report, targets, adapter)
+        merge(program, report, targets)
     else:
         from lorapass.fx.dynamic import insert_lora
 
-        slots = insert_lora(program, report, targets, adapter)
+        slots = insert_lora(program, report, targets)
     return FxResult(program.finish(), strategy, report, targets, adapter, slots)
 
 

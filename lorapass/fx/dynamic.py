@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import torch
 
-from lorapass.adapter import Adapter
 from lorapass.fx.program import Program, aten
 from lorapass.fx.sites import full_path
 from lorapass.onnx.dynamic import METADATA_KEY, lora_weights, record
@@ -31,8 +30,7 @@ def _matmul(x: torch.fx.Node):
     return aten.mm.default if isinstance(val, torch.Tensor) and val.dim() == 2 else aten.matmul.default
 
 
-def insert_lora(program: Program, report: SiteReport, targets: list[Target],
-                adapter: Adapter | None = None) -> dict[str, tuple[str, str]]:
+def insert_lora(program: Program, report: SiteReport, targets: list[Target]) -> dict[str, tuple[str, str]]:
     """Add a LoRA branch for every target; returns path -> (A state key, B state key) in the program.
 
     The ``lorapass.lora`` records are stored in the graph module's ``meta`` under ``METADATA_KEY``.
@@ -45,7 +43,7 @@ def insert_lora(program: Program, report: SiteReport, targets: list[Target],
         site = target.site
         if site.path not in slots:
             weight = program.tensor(site.weight)
-            a, b = lora_weights(target, adapter)
+            a, b = lora_weights(target)
             full = full_path(report, site.path)
             keys[site.path] = (f"{full}.lora_A", f"{full}.lora_B")
             slots[site.path] = tuple(

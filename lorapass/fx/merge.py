@@ -13,11 +13,9 @@ from collections import defaultdict
 import torch
 from torch.fx import Node
 
-from lorapass.adapter import Adapter
 from lorapass.errors import UnsupportedError
 from lorapass.fx.program import PASS_WEIGHT, Program
 from lorapass.fx.sites import ADDMM, full_path
-from lorapass.onnx.merge import delta
 from lorapass.onnx.sites import SiteReport
 from lorapass.plan import Target
 
@@ -48,7 +46,13 @@ def _readers(program: Program, holders: list[Node]) -> set[Node]:
     return out
 
 
-def merge(program: Program, report: SiteReport, targets: list[Target], adapter: Adapter) -> int:
+def _delta(target: Target) -> torch.Tensor:
+    """The module's delta, float32 in torch's [out, in] layout."""
+    up, down = target.module.low_rank()
+    return torch.from_numpy(up @ down)
+
+
+def merge(program: Program, report: SiteReport, targets: list[Target]) -> int:
     """Fold every target's update into its weight; returns how many weights changed."""
     nodes = {n.name: n for n in program.graph.nodes}
     by_weight: dict[str, list[Target]] = defaultdict(list)
@@ -61,7 +65,7 @@ def merge(program: Program, report: SiteReport, targets: list[Target], adapter: 
         group_nodes = {nodes[t.site.node] for t in group}
         tensor = program.tensor(weight)
         if len({t.site.path for t in group}) == 1 and _readers(program, holders) <= group_nodes:
-            update = torch.from_numpy(delta(adapter, group[0]))
+            update = _delta(group[0])
             program.replace(weight, merged(tensor, update, group[0].site.layout))
             changed += 1
             continue
@@ -70,7 +74,7 @@ def merge(program: Program, report: SiteReport, targets: list[Target], adapter: 
             if node.op == "call_module":
                 raise UnsupportedError(f"site {target.site.path!r}: its weight {weight!r} is also read outside the "
                                        "module; trace with torch.export (example inputs) to merge it")
-            update = torch.from_numpy(delta(adapter, target))
+            update = _delta(target)
             name = _unique(program, f"{full_path(report, target.site.path)}.weight")
             fresh = program.add(name, merged(tensor, update, target.site.layout), parameter=True)
             _rewire_weight(program, node, fresh)

@@ -254,7 +254,7 @@ def find_sites(program: Program, prefix: str | None = None, wanted: Collection[s
                           output=f.node.name, input=f.x.name, bias=f.bias, source=f.source,
                           module_class=_class_name(f.cls) if f.cls is not None else None))
     heads = sorted({s.path for s, f in zip(sites, named) if _is_output_head(f.node)})
-    return SiteReport(sites, unresolved, chosen, how if chosen else "none", heads)
+    return SiteReport(sites, unresolved, prefix=chosen, prefix_source=how if chosen else "none", output_heads=heads)
 
 
 def full_path(report: SiteReport, path: str) -> str:

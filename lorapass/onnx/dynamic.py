@@ -19,7 +19,6 @@ from collections import defaultdict
 import numpy as np
 import onnx_ir as ir
 
-from lorapass.adapter import Adapter
 from lorapass.plan import Target
 from lorapass.site import Site
 
@@ -40,14 +39,13 @@ def record(target: Target) -> dict:
             "r": params.r, "alpha": params.alpha, "scale": params.scale}
 
 
-def lora_weights(target: Target, adapter: Adapter | None) -> tuple[np.ndarray, np.ndarray]:
-    """(A as [in, r], scale·B as [r, out]) in float32; zeros when there is no adapter (graph equals base)."""
+def lora_weights(target: Target) -> tuple[np.ndarray, np.ndarray]:
+    """(A as [in, r], scale·B as [r, out]) in float32; zeros without an adapter module (the graph equals the base)."""
     site, params = target.site, target.params
-    if adapter is None:
+    if target.module is None:
         return np.zeros((site.in_features, params.r), np.float32), np.zeros((params.r, site.out_features), np.float32)
-    a = adapter.tensor(site.path, "lora_A").T
-    b = (adapter.tensor(site.path, "lora_B") * np.float32(params.scale)).T
-    return np.ascontiguousarray(a), np.ascontiguousarray(b)
+    up, down = target.module.low_rank()
+    return np.ascontiguousarray(down.T), np.ascontiguousarray(up.T)
 
 
 def _op(op_type: str, inputs: list[ir.Value], name: str, attributes: dict | None = None, outputs: int = 1) -> ir.Node:
@@ -58,8 +56,8 @@ def _op(op_type: str, inputs: list[ir.Value], name: str, attributes: dict | None
 class _Builder:
     """Adds LoRA inputs and nodes to one graph."""
 
-    def __init__(self, model: ir.Model, adapter: Adapter | None) -> None:
-        self.model, self.graph, self.adapter = model, model.graph, adapter
+    def __init__(self, model: ir.Model) -> None:
+        self.model, self.graph = model, model.graph
         self.nodes = {n.name: n for n in self.graph}
         self.values = {v.name: v for n in self.graph for v in n.outputs} | {v.name: v for v in self.graph.inputs}
         self.slots: dict[str, tuple[ir.Value, ir.Value]] = {}
@@ -71,7 +69,7 @@ class _Builder:
         if site.path in self.slots:
             return self.slots[site.path]
         dtype = ir.DataType[site.dtype.upper()]
-        a, b = lora_weights(target, self.adapter)
+        a, b = lora_weights(target)
         rank = f"{site.path}.r"
         made = []
         for name, array, dims in zip(input_names(site.path), (a, b), ([site.in_features, rank], [rank, site.out_features])):
@@ -107,9 +105,9 @@ class _Builder:
         return self.values[site.output].producer()
 
 
-def insert_lora(model: ir.Model, targets: list[Target], adapter: Adapter | None = None) -> int:
+def insert_lora(model: ir.Model, targets: list[Target]) -> int:
     """Insert a LoRA branch for every target (one per node); returns how many branches were added."""
-    builder = _Builder(model, adapter)
+    builder = _Builder(model)
     groups: dict[tuple[str, str], list[Target]] = defaultdict(list)
     for target in targets:
         groups[(target.site.input, target.site.dtype)].append(target)

@@ -65,10 +65,10 @@ def rewrite(model: str | os.PathLike, output: str | os.PathLike, adapter: str | 
     if strategy == "merge":
         if adapter is None:
             raise RuleError("strategy merge needs an adapter's weights (--adapter)")
-        merge(graph, targets, adapter)
+        merge(graph, targets)
     else:
         from lorapass.onnx.dynamic import insert_lora
 
-        insert_lora(graph, targets, adapter)
+        insert_lora(graph, targets)
     stats = save_model(graph, model, output, progress=progress)
     return RewriteResult(Path(output), strategy, report, targets, stats)

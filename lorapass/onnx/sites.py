@@ -8,7 +8,8 @@ from dataclasses import dataclass, field
 import onnx_ir as ir
 
 from lorapass.onnx import naming
-from lorapass.site import Layout, Site
+from lorapass.onnx.patterns import PATTERNS, Match, Unsupported
+from lorapass.site import Site
 
 _PASS_THROUGH = {"Reshape", "Cast", "Identity", "Squeeze", "Unsqueeze", "Flatten"}
 NAMESPACE = "namespace"
@@ -20,6 +21,7 @@ class SiteReport:
 
     sites: list[Site]
     unresolved: list[str] = field(default_factory=list)
+    unsupported: list[tuple[str, str]] = field(default_factory=list)  # (node, reason)
     prefix: str = ""
     prefix_source: str = "none"
     output_heads: list[str] = field(default_factory=list)
@@ -29,88 +31,6 @@ class SiteReport:
         for site in self.sites:
             out.setdefault(site.path, []).append(site)
         return out
-
-
-@dataclass
-class _Linear:
-    node: ir.Node
-    weight: ir.Value  # the node's operand as named in the graph (an Identity output keeps the parameter name)
-    tensor: ir.Value  # the initializer holding W
-    layout: Layout
-    bias: ir.Value | None
-    output: ir.Value
-
-
-def constant(value: ir.Value | None) -> ir.Value | None:
-    """The initializer behind ``value``, seeing through the ``Identity`` nodes exporters use to share one."""
-    while value is not None and value.const_value is None:
-        producer = value.producer()
-        if producer is None or producer.op_type != "Identity" or producer.domain not in ("", "ai.onnx"):
-            return None
-        value = producer.inputs[0]
-    return value
-
-
-def _const_2d(value: ir.Value | None) -> ir.Value | None:
-    """A 2-D initializer that is not also a graph input (an overridable input, e.g. a LoRA slot, is no weight)."""
-    source = constant(value)
-    if source is None or source.is_graph_input() or len(source.const_value.shape) != 2:
-        return None
-    return source
-
-
-def _transposed_const(value: ir.Value | None) -> ir.Value | None:
-    """The 2-D initializer behind a ``Transpose(perm=[1,0])``, as unfolded exports leave it."""
-    producer = value.producer() if value is not None else None
-    if producer is None or producer.op_type != "Transpose" or producer.domain not in ("", "ai.onnx"):
-        return None
-    perm = producer.attributes.get("perm")
-    if perm is None or list(perm.as_ints()) == [1, 0]:
-        return _const_2d(producer.inputs[0])
-    return None
-
-
-def _bias_after(output: ir.Value, out_features: int) -> tuple[ir.Value | None, ir.Value]:
-    """A following ``Add`` of a 1-D constant of the output width is the layer's bias."""
-    consumers = output.consumers()
-    if len(consumers) != 1 or output.is_graph_output():
-        return None, output
-    add = consumers[0]
-    if add.op_type != "Add" or add.domain not in ("", "ai.onnx"):
-        return None, output
-    other = add.inputs[1] if add.inputs[0] is output else add.inputs[0]
-    source = constant(other)
-    if source is None or tuple(source.const_value.shape) != (out_features,):
-        return None, output
-    return other, add.outputs[0]
-
-
-def _as_linear(node: ir.Node) -> _Linear | None:
-    if node.domain not in ("", "ai.onnx") or len(node.inputs) < 2:
-        return None
-    rhs = node.inputs[1]
-    if node.op_type == "MatMul":
-        if (tensor := _const_2d(rhs)) is not None:
-            weight, layout = rhs, "in_out"
-        elif (tensor := _transposed_const(rhs)) is not None:
-            weight, layout = rhs.producer().inputs[0], "out_in"
-        else:
-            return None
-        out_features = tensor.const_value.shape[1 if layout == "in_out" else 0]
-        bias, output = _bias_after(node.outputs[0], out_features)
-        return _Linear(node, weight, tensor, layout, bias, output)
-    if node.op_type == "Gemm" and (tensor := _const_2d(rhs)) is not None:
-        attrs = node.attributes
-        if attrs.get("transA") is not None and attrs["transA"].as_int() != 0:
-            return None
-        if attrs.get("alpha") is not None and attrs["alpha"].as_float() != 1.0:
-            return None
-        trans_b = attrs.get("transB") is not None and attrs["transB"].as_int() == 1
-        bias = node.inputs[2] if len(node.inputs) > 2 and node.inputs[2] is not None else None
-        if bias is not None and attrs.get("beta") is not None and attrs["beta"].as_float() != 1.0:
-            return None
-        return _Linear(node, rhs, tensor, "out_in" if trans_b else "in_out", bias, node.outputs[0])
-    return None
 
 
 def _root_scope(node: ir.Node) -> str | None:
@@ -153,35 +73,49 @@ def _is_output_head(output: ir.Value) -> bool:
     return True
 
 
+def _matches(model: ir.Model) -> tuple[list[Match], list[tuple[str, str]]]:
+    found, unsupported = [], []
+    for node in model.graph:
+        for pattern in PATTERNS:
+            result = pattern(node)
+            if isinstance(result, Match):
+                found.append(result)
+                break
+            if isinstance(result, Unsupported):
+                unsupported.append((node.name or f"<unnamed {node.op_type}>", result.reason))
+                break
+    return found, unsupported
+
+
 def find_sites(model: ir.Model, prefix: str | None = None, wanted: Collection[str] = ()) -> SiteReport:
-    """Every MatMul/Gemm with a constant 2-D weight, named by module path.
+    """Every adaptable layer the site patterns recognise, named by module path.
 
     ``prefix`` is the wrapper scope to strip (``m`` for a module that holds the model as ``self.m``);
     when None it is read from the dynamo exporter's class records, else chosen so that the most
     ``wanted`` paths (e.g. an adapter's module names) exist.
     """
-    linears = [lin for node in model.graph for lin in [_as_linear(node)] if lin is not None]
-    named: list[tuple[_Linear, str, str]] = []
+    matches, unsupported = _matches(model)
+    named: list[tuple[Match, str, str]] = []
     unresolved: list[str] = []
-    from_nodes: list[tuple[_Linear, str]] = []
-    for lin in linears:
+    from_nodes: list[tuple[Match, str]] = []
+    for m in matches:
         for source, strategy in naming.STRATEGIES.items():
-            path = strategy(lin.node, lin.weight, lin.bias)
+            path = strategy(m.node, m.weight, m.bias)
             if path:
                 break
         if not path:
-            unresolved.append(lin.node.name or f"<unnamed {lin.node.op_type}>")
+            unresolved.append(m.node.name or f"<unnamed {m.node.op_type}>")
         elif source == "node_name":
-            from_nodes.append((lin, path))
+            from_nodes.append((m, path))
         else:
-            named.append((lin, path, source))
+            named.append((m, path, source))
 
     # TorchScript node names may drop scopes: map them with what parameter names taught us.
-    pairs = [(p, path) for lin, path, source in named if (p := naming.from_node_name(lin.node, lin.weight, lin.bias))]
+    pairs = [(p, path) for m, path, source in named if (p := naming.from_node_name(m.node, m.weight, m.bias))]
     scope_map = naming.learn_scope_map(pairs)
-    named += [(lin, naming.apply_scope_map(path, scope_map), "node_name") for lin, path in from_nodes]
+    named += [(m, naming.apply_scope_map(path, scope_map), "node_name") for m, path in from_nodes]
 
-    root_scopes = {s for lin, _, _ in named if (s := _root_scope(lin.node)) is not None}
+    root_scopes = {s for m, _, _ in named if (s := _root_scope(m.node)) is not None}
     if prefix is not None:
         chosen, prefix_source = prefix, "given"
     elif len(root_scopes) == 1:
@@ -192,25 +126,27 @@ def find_sites(model: ir.Model, prefix: str | None = None, wanted: Collection[st
         chosen, prefix_source = "", "none"
 
     sites = []
-    for lin, path, source in named:
-        shape = lin.tensor.const_value.shape
-        in_f, out_f = (shape[0], shape[1]) if lin.layout == "in_out" else (shape[1], shape[0])
+    for m, path, source in named:
+        m.storage.path = strip_prefix(path, chosen)
         sites.append(
             Site(
-                path=strip_prefix(path, chosen),
-                op=lin.node.op_type,
-                node=lin.node.name or "",
-                weight=lin.tensor.name or "",
-                layout=lin.layout,
-                in_features=int(in_f),
-                out_features=int(out_f),
-                dtype=lin.tensor.const_value.dtype.name.lower(),
-                output=lin.output.name or "",
-                input=lin.node.inputs[0].name or "",
-                bias=lin.bias.name if lin.bias is not None else None,
+                path=m.storage.path,
+                op=m.node.op_type,
+                node=m.node.name or "",
+                weight=m.storage.store.name,
+                layout=m.storage.describe(),
+                in_features=m.in_features,
+                out_features=m.out_features,
+                dtype=m.dtype,
+                output=m.output.name or "",
+                input=m.input.name or "",
+                bias=m.bias.name if m.bias is not None else None,
                 source=source,
-                module_class=naming.module_class(lin.node),
+                module_class=naming.module_class(m.node),
+                kind=m.kind,
+                dialect="torch",
+                storage=m.storage,
             )
         )
-    heads = sorted({s.path for s, lin in zip(sites, [n[0] for n in named]) if _is_output_head(lin.output)})
-    return SiteReport(sites, unresolved, chosen, prefix_source if chosen else "none", heads)
+    heads = sorted({s.path for s, (m, _, _) in zip(sites, named) if _is_output_head(m.output)})
+    return SiteReport(sites, unresolved, unsupported, chosen, prefix_source if chosen else "none", heads)

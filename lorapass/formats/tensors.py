@@ -1,0 +1,97 @@
+"""Tensor files an adapter's weights live in, read lazily: safetensors (any float dtype; bfloat16 through torch)
+and, only when allowed, a pickled ``.bin`` read with ``torch.load(weights_only=True)``."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from lorapass.errors import AdapterError, UnsupportedError
+
+
+@dataclass
+class TensorFile:
+    """One file of named tensors; ``read(key)`` gives float32, cached."""
+
+    path: Path
+    _keys: list[str] | None = None
+    _cache: dict[str, np.ndarray] = field(default_factory=dict, repr=False)
+    _pickled: dict[str, np.ndarray] | None = field(default=None, repr=False)
+
+    @property
+    def pickled(self) -> bool:
+        return self.path.suffix == ".bin"
+
+    def keys(self) -> list[str]:
+        if self._keys is None:
+            if self.pickled:
+                self._keys = list(self._unpickle())
+            else:
+                from safetensors import safe_open
+
+                try:
+                    with safe_open(str(self.path), framework="numpy") as f:
+                        self._keys = list(f.keys())
+                except Exception as exc:
+                    raise AdapterError(f"{self.path}: not a readable safetensors file ({exc})") from exc
+        return self._keys
+
+    def metadata(self) -> dict[str, str]:
+        """The safetensors header's ``__metadata__`` (empty for pickles)."""
+        if self.pickled:
+            return {}
+        from safetensors import safe_open
+
+        with safe_open(str(self.path), framework="numpy") as f:
+            return dict(f.metadata() or {})
+
+    def read(self, key: str) -> np.ndarray:
+        if key not in self._cache:
+            self._cache[key] = self._unpickle()[key] if self.pickled else self._read_safetensors(key)
+        return self._cache[key]
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        return tuple(self.read(key).shape)
+
+    def _read_safetensors(self, key: str) -> np.ndarray:
+        from safetensors import safe_open
+
+        try:
+            with safe_open(str(self.path), framework="numpy") as f:
+                return f.get_tensor(key).astype(np.float32)
+        except TypeError:  # bfloat16 and other dtypes numpy lacks: read through torch
+            pass
+        try:
+            import torch  # noqa: F401
+        except ImportError as exc:
+            raise UnsupportedError(f"{self.path}: tensor {key!r} has a dtype numpy cannot read; install torch") from exc
+        with safe_open(str(self.path), framework="pt") as f:
+            return f.get_tensor(key).float().numpy()
+
+    def _unpickle(self) -> dict[str, np.ndarray]:
+        if self._pickled is None:
+            import torch
+
+            try:
+                state = torch.load(self.path, map_location="cpu", weights_only=True)
+            except Exception as exc:
+                raise AdapterError(f"{self.path}: cannot be read with torch.load(weights_only=True): {exc}") from exc
+            self._pickled = {k: v.float().numpy() for k, v in state.items()}
+        return self._pickled
+
+
+@dataclass(frozen=True)
+class TensorRef:
+    """One tensor of a file, read on first use."""
+
+    file: TensorFile
+    key: str
+
+    def read(self) -> np.ndarray:
+        return self.file.read(self.key)
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return self.file.shape(self.key)

@@ -1,0 +1,76 @@
+"""Site patterns: each recognises one kind of adaptable layer at a node and says how its weight is stored.
+
+A pattern is a function ``node -> Match | Unsupported | None``: a :class:`Match` is a site before naming, an
+:class:`Unsupported` a node that looks adaptable but that lorapass cannot handle (reported by name, never
+silently absent). :data:`PATTERNS` lists them in the order discovery tries them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import onnx_ir as ir
+
+from lorapass.onnx.storage import View
+from lorapass.site import SiteKind
+
+
+@dataclass
+class Match:
+    """One adaptable layer at ``node``: its weight's storage, the activation it reads and where a branch joins."""
+
+    node: ir.Node
+    storage: View
+    kind: SiteKind
+    input: ir.Value
+    output: ir.Value  # after the bias: where a LoRA branch joins
+    bias: ir.Value | None
+    weight: ir.Value  # the weight operand as the graph names it (naming evidence)
+    in_features: int
+    out_features: int
+    dtype: str  # the activation's element type (the branch computes in it)
+
+
+@dataclass
+class Unsupported:
+    """A node that holds a weight lorapass cannot adapt, and why."""
+
+    node: ir.Node
+    reason: str
+
+
+Pattern = Callable[[ir.Node], "Match | Unsupported | None"]
+
+
+def standard(node: ir.Node) -> bool:
+    """Whether ``node`` is in the default ONNX domain."""
+    return node.domain in ("", "ai.onnx")
+
+
+def constant(value: ir.Value | None) -> ir.Value | None:
+    """The initializer behind ``value``, seeing through the ``Identity`` nodes exporters use to share one."""
+    while value is not None and value.const_value is None:
+        producer = value.producer()
+        if producer is None or producer.op_type != "Identity" or not standard(producer):
+            return None
+        value = producer.inputs[0]
+    return value
+
+
+def weight_constant(value: ir.Value | None, rank: int = 2) -> ir.Value | None:
+    """An initializer of ``rank`` dimensions behind ``value`` that is not also a graph input (an overridable
+    input, such as a LoRA slot, is no weight)."""
+    source = constant(value)
+    if source is None or source.is_graph_input() or len(source.const_value.shape) != rank:
+        return None
+    return source
+
+
+def _patterns() -> list[Pattern]:
+    from lorapass.onnx.patterns import linear
+
+    return [linear.match]
+
+
+PATTERNS: list[Pattern] = _patterns()

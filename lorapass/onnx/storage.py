@@ -1,0 +1,265 @@
+"""How a site's weight is stored: read it as float32 in torch's layout, record edits, write them back once.
+
+A :class:`Store` is one stored weight (an initializer; a quantized blob with its scales is another kind of
+store). A :class:`View` is what one site sees of it through one node: all of it, or a row block of a packed
+weight. Strategies only use a view's verbs — ``shape``, ``read()``, ``add(up, down)``, ``update(fn)`` — in torch's
+layout ([out, in] for a linear, [out, in, kh, kw] for a conv, [rows, dim] for an embedding table), and
+:func:`commit` writes every edited store once, lazily (the value is computed when the writer streams it):
+
+- in place when every node reading the store is an edited one and all of them saw the same edits (a weight of
+  one module, a packed q/k/v weight, one weight read by both branches of an ``If``);
+- otherwise as a new initializer per editing node, in the layout that node reads, so the other readers (a tied
+  embedding, a tensor the exporter deduplicated) keep the original.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx_ir as ir
+
+from lorapass.onnx.fold import fold, read
+from lorapass.onnx.save import REPLACES
+
+_SEE_THROUGH = {"Identity", "Transpose"}
+
+
+@dataclass(frozen=True)
+class LowRank:
+    """An additive update ``up @ down`` (float32, scale folded in); ``down`` is [r, prod(shape[1:])]."""
+
+    up: np.ndarray
+    down: np.ndarray
+
+    def __call__(self, w: np.ndarray) -> np.ndarray:
+        return w + (self.up @ self.down).reshape(w.shape)
+
+
+Op = LowRank | Callable[[np.ndarray], np.ndarray]
+
+
+@dataclass
+class Edit:
+    rows: slice
+    path: str  # the module the edit came from: readers that saw the same (rows, path) list share one result
+    op: Op
+
+
+def readers(value: ir.Value) -> set[ir.Node]:
+    """The nodes that compute with ``value``, seeing through Identity/Transpose (how exporters pass weights)."""
+    out: set[ir.Node] = set()
+    for node in value.consumers():
+        if node.op_type in _SEE_THROUGH and node.domain in ("", "ai.onnx"):
+            out |= readers(node.outputs[0])
+        else:
+            out.add(node)
+    return out
+
+
+class Store(ABC):
+    """One stored weight; subclasses say how it is laid out and encoded."""
+
+    def __init__(self, name: str, shape: tuple[int, ...], dtype: str) -> None:
+        self.name, self.shape, self.dtype = name, shape, dtype
+        self.edits: dict[ir.Node, list[Edit]] = {}
+
+    @abstractmethod
+    def readers(self) -> set[ir.Node]:
+        """Every node computing with this weight."""
+
+    @abstractmethod
+    def read(self) -> np.ndarray:
+        """The whole weight as float32 in torch's layout."""
+
+    @abstractmethod
+    def write(self, compute: Callable[[], np.ndarray], low_rank: LowRank | None) -> None:
+        """Replace the stored weight in place by ``compute()`` (float32, torch layout), computed lazily.
+
+        ``low_rank``, when given, is the whole edit as one additive update, for a fast path that never
+        materialises the float32 weight."""
+
+    @abstractmethod
+    def write_copy(self, graph: ir.Graph, node: ir.Node, compute: Callable[[], np.ndarray], name: str) -> None:
+        """Give ``node`` its own new weight ``compute()``; the stored one stays for the other readers."""
+
+    def describe(self) -> str:
+        return type(self).__name__
+
+
+@dataclass
+class View:
+    """What one site sees of a store through ``node``: ``rows`` of it (all rows unless packed)."""
+
+    store: Store
+    node: ir.Node
+    path: str = ""
+    rows: slice = field(default_factory=lambda: slice(None))
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        start, stop, _ = self.rows.indices(self.store.shape[0])
+        return (stop - start, *self.store.shape[1:])
+
+    @property
+    def dtype(self) -> str:
+        return self.store.dtype
+
+    def read(self) -> np.ndarray:
+        """The site's weight as float32 in torch's layout (the base value: edits are applied at commit)."""
+        return self.store.read()[self.rows]
+
+    def add(self, up: np.ndarray, down: np.ndarray) -> None:
+        """Record ``W += up @ down``: up [rows, r], down [r, prod(shape[1:])], float32, scale folded in."""
+        rows = self.shape[0]
+        if up.shape[0] != rows or down.shape[1] != int(np.prod(self.shape[1:])) or up.shape[1] != down.shape[0]:
+            raise ValueError(f"{self.store.name}: update {up.shape} @ {down.shape} does not fit {self.shape}")
+        self._record(LowRank(np.ascontiguousarray(up, np.float32), np.ascontiguousarray(down, np.float32)))
+
+    def update(self, fn: Callable[[np.ndarray], np.ndarray]) -> None:
+        """Record ``W = fn(W)`` on the site's rows (float32, torch layout, applied after earlier edits)."""
+        self._record(fn)
+
+    def _record(self, op: Op) -> None:
+        self.store.edits.setdefault(self.node, []).append(Edit(self.rows, self.path, op))
+
+    def describe(self) -> str:
+        if self.rows == slice(None):
+            return self.store.describe()
+        start, stop, _ = self.rows.indices(self.store.shape[0])
+        return f"rows {start}:{stop} of {self.store.describe()}"
+
+
+def _apply(store: Store, edits: list[Edit]) -> np.ndarray:
+    w = store.read()
+    for edit in edits:
+        w[edit.rows] = edit.op(w[edit.rows])
+    return w
+
+
+def _as_low_rank(store: Store, edits: list[Edit]) -> LowRank | None:
+    """All edits as one additive update (row blocks padded with zeros), or None if any is not additive."""
+    if not all(isinstance(e.op, LowRank) for e in edits):
+        return None
+    if len(edits) == 1 and edits[0].rows == slice(None):
+        return edits[0].op
+    rank = sum(e.op.up.shape[1] for e in edits)
+    up = np.zeros((store.shape[0], rank), np.float32)
+    at = 0
+    for e in edits:
+        r = e.op.up.shape[1]
+        up[e.rows, at:at + r] = e.op.up
+        at += r
+    return LowRank(up, np.concatenate([e.op.down for e in edits], axis=0))
+
+
+def commit(stores: list[Store], graph: ir.Graph) -> int:
+    """Write every edited store once (in place, or copied for each editing node); returns the weights written."""
+    written = 0
+    for store in stores:
+        if not store.edits:
+            continue
+        lists = list(store.edits.values())
+        signature = [(e.rows, e.path) for e in lists[0]]
+        shared = store.readers() <= set(store.edits) and all([(e.rows, e.path) for e in el] == signature for el in lists)
+        if shared:
+            edits = lists[0]
+            store.write(lambda edits=edits: _apply(store, edits), _as_low_rank(store, edits))
+            written += 1
+        else:
+            for node, edits in store.edits.items():
+                path = edits[0].path or store.name
+                store.write_copy(graph, node, lambda edits=edits: _apply(store, edits), unique_name(graph, f"{path}.weight"))
+                written += 1
+        store.edits.clear()
+    return written
+
+
+def unique_name(graph: ir.Graph, name: str) -> str:
+    """``name``, or ``name_1``, ``name_2``, ... whichever no initializer or graph input of ``graph`` has yet."""
+    taken = set(graph.initializers) | {v.name for v in graph.inputs}
+    candidate, i = name, 1
+    while candidate in taken:
+        candidate, i = f"{name}_{i}", i + 1
+    return candidate
+
+
+class Plain(Store):
+    """A float initializer holding a weight, as [in, out] (``in_out``: MatMul, Gemm transB=0, GPT-2 Conv1D) or in
+    torch's own layout (``out_in``: Gemm transB=1, a Transpose before MatMul, Conv kernels, embedding tables)."""
+
+    def __init__(self, value: ir.Value, layout: str) -> None:
+        shape = tuple(int(d) for d in value.const_value.shape)
+        torch_shape = (shape[1], shape[0]) if layout == "in_out" else shape
+        super().__init__(value.name or "", torch_shape, value.const_value.dtype.name.lower())
+        self.value, self.layout = value, layout
+        self.tensor = value.const_value  # the base values, whatever the value holds after a write
+
+    def readers(self) -> set[ir.Node]:
+        return readers(self.value)
+
+    def describe(self) -> str:
+        return self.layout
+
+    def _native(self) -> np.ndarray:
+        return read(self.tensor)
+
+    def read(self) -> np.ndarray:
+        w = self._native().astype(np.float32)
+        return np.ascontiguousarray(w.T) if self.layout == "in_out" else w
+
+    def _encode(self, w: np.ndarray, layout: str) -> np.ndarray:
+        """float32 torch layout -> this weight's dtype in ``layout`` (round to nearest even)."""
+        w = w.T if layout == "in_out" else w
+        return np.ascontiguousarray(w.astype(self._native_dtype()))
+
+    def _native_dtype(self) -> np.dtype:
+        return np.dtype(self.tensor.dtype.numpy())
+
+    def write(self, compute: Callable[[], np.ndarray], low_rank: LowRank | None) -> None:
+        original = self.tensor
+        name = self.value.name
+
+        def lazily() -> ir.Tensor:
+            if low_rank is not None:
+                flat = (low_rank.up, low_rank.down)
+                left, right = flat if self.layout == "out_in" else (flat[1].T.copy(), flat[0].T.copy())
+                w = self._native()
+                return ir.Tensor(fold(w.reshape(w.shape[0], -1), left, right).reshape(w.shape), name=name)
+            return ir.Tensor(self._encode(compute(), self.layout), name=name)
+
+        self.value.const_value = ir.LazyTensor(lazily, original.dtype, original.shape, name=name)
+        self.value.meta[REPLACES] = original
+
+    def write_copy(self, graph: ir.Graph, node: ir.Node, compute: Callable[[], np.ndarray], name: str) -> None:
+        index = next(i for i, v in enumerate(node.inputs) if v is not None and _behind(v, self.value))
+        layout = _operand_layout(node, self.layout)
+        dims = self.shape[::-1] if layout == "in_out" and len(self.shape) == 2 else self.shape
+        original = self.tensor
+        tensor = ir.LazyTensor(lambda: ir.Tensor(self._encode(compute(), layout), name=name), original.dtype,
+                               ir.Shape(dims), name=name)
+        new = ir.Value(name=name, shape=ir.Shape(dims), type=ir.TensorType(original.dtype), const_value=tensor)
+        graph.register_initializer(new)
+        node.replace_input_with(index, new)
+
+
+def _behind(value: ir.Value, source: ir.Value) -> bool:
+    """Whether ``value`` is ``source`` or derived from it through Identity/Transpose."""
+    while value is not source:
+        producer = value.producer()
+        if producer is None or producer.op_type not in _SEE_THROUGH or producer.domain not in ("", "ai.onnx"):
+            return False
+        value = producer.inputs[0]
+    return True
+
+
+def _operand_layout(node: ir.Node, stored: str) -> str:
+    """The layout ``node`` consumes its weight operand in: [in, out] for MatMul and Gemm transB=0."""
+    if node.op_type == "MatMul":
+        return "in_out"
+    if node.op_type == "Gemm":
+        trans_b = node.attributes.get("transB")
+        return "out_in" if trans_b is not None and trans_b.as_int() == 1 else "in_out"
+    return stored
