@@ -11,58 +11,42 @@ import numpy as np
 import onnx
 
 from lorapass.adapter import Adapter, load_adapter
-from lorapass.errors import AdapterError, ModelError, ShapeMismatchError
-from lorapass.onnx.dynamic import METADATA_KEY
+from lorapass.errors import AdapterError, ModelError
+from lorapass.onnx.slots import METADATA_KEY, Slot, from_record
 
 _DTYPES = {onnx.TensorProto.FLOAT: np.float32, onnx.TensorProto.FLOAT16: np.float16}
 
 
-def lora_inputs(model: str | os.PathLike) -> dict[str, tuple[list[int | str], np.dtype]]:
-    """The LoRA graph inputs of a dynamic model: name -> (dims, dtype), from its ``lorapass.lora`` record."""
+def slots_of(model: str | os.PathLike) -> tuple[list[Slot], dict[str, np.dtype]]:
+    """The slots of a dynamic model (from its ``lorapass.lora`` records) and its input dtypes by name."""
     proto = onnx.load(str(model), load_external_data=False)
     meta = {p.key: p.value for p in proto.metadata_props}
     if METADATA_KEY not in meta:
         raise ModelError(f"{model}: not a lorapass dynamic graph (no {METADATA_KEY!r} metadata)")
-    names = {n for rec in json.loads(meta[METADATA_KEY]) for n in (rec["lora_A"], rec["lora_B"])}
-    out = {}
-    for value in proto.graph.input:
-        if value.name in names:
-            t = value.type.tensor_type
-            dims = [d.dim_value if d.HasField("dim_value") else d.dim_param for d in t.shape.dim]
-            out[value.name] = (dims, np.dtype(_DTYPES.get(t.elem_type, np.float32)))
-    return out
+    slots = [from_record(rec) for rec in json.loads(meta[METADATA_KEY])]
+    dtypes = {v.name: np.dtype(_DTYPES.get(v.type.tensor_type.elem_type, np.float32)) for v in proto.graph.input}
+    return slots, dtypes
 
 
 def adapter_parameters(adapter: Adapter, model: str | os.PathLike) -> dict[str, np.ndarray]:
-    """The adapter's A [in, r] and scale·B [r, out] keyed by the graph's input names, checked against them.
+    """The adapter's values for the dynamic graph's slot inputs (each slot says how, and checks the shapes).
 
-    Uses the graph's own ``lorapass.lora`` record for which module paths have slots and each adapter module's
+    Uses the graph's own ``lorapass.lora`` records for which module paths have slots and each adapter module's
     own rank and scale (for PEFT: rank_pattern / alpha_pattern / rslora as PEFT resolves them).
     """
-    slots = lora_inputs(model)
-    params: dict[str, np.ndarray] = {}
-    unknown = []
-    for module, kind in adapter.modules.items():
-        a_name, b_name = f"{module}.lora_A", f"{module}.lora_B"
-        if a_name not in slots or b_name not in slots:
-            unknown.append(module)
-            continue
-        up, down = kind.low_rank()
-        arrays = {a_name: down.T, b_name: up.T}
-        for name, array in arrays.items():
-            dims, dtype = slots[name]
-            fixed = [(i, d) for i, d in enumerate(dims) if isinstance(d, int)]
-            if array.ndim != len(dims) or any(array.shape[i] != d for i, d in fixed):
-                raise ShapeMismatchError(
-                    f"{adapter.source}: {kind.key(name.rsplit('.', 1)[1])} gives {name} shape "
-                    f"{list(array.shape)}, the graph input {name!r} is {dims}")
-            params[name] = np.ascontiguousarray(array, dtype=dtype)
+    slots, dtypes = slots_of(model)
+    by_path = {slot.path: slot for slot in slots}
+    unknown = [m for m in adapter.modules if m not in by_path]
     if unknown:
-        names = sorted(slots)
+        names = sorted(i.name for slot in slots for i in slot.inputs())
         raise AdapterError(
             f"{adapter.source}: {len(unknown)} adapter module(s) have no LoRA input in {model}: "
             + ", ".join(f"{m!r} (expects inputs {m}.lora_A/.lora_B)" for m in unknown[:5])
             + f"; the graph's LoRA inputs are e.g. {names[:4]}")
+    params: dict[str, np.ndarray] = {}
+    for path, kind in adapter.modules.items():
+        for name, array in by_path[path].values(kind).items():
+            params[name] = np.ascontiguousarray(array, dtype=dtypes.get(name, np.float32))
     return params
 
 

@@ -99,7 +99,7 @@ def test_shared_input_sites_share_one_a_product():
     """As the rewrite's fuse_shared_inputs: q/k/v read one activation, so one A over their concatenated ranks."""
     g = build_graph(TINY, 1, 3, 3)
     rules = RuleSet(rules=[LoraRule(target_modules=["q_proj", "k_proj", "v_proj"], r=2, rank_pattern={"v_proj": 6},
-                                    strategy="dynamic")])
+                                    strategy="dynamic", fuse_shared_inputs=True)])
     lora = apply_dynamic(g, select(g, rules))
     a = [op for op in lora.ops if op.kind == O.GEMM_LORA_A and op.layer == 0]
     assert len(a) == 1 and a[0].flops == 2 * 3 * 64 * (2 + 2 + 6)

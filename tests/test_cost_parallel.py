@@ -66,7 +66,7 @@ def test_lora_adds_no_collective_under_tp():
     lora = _analyser("llama2-7b.yaml", rules=LoraRule(target_modules="all-linear", r=64),
                      strategy="dynamic").analyse(Layout(tp=4))
     for phase in ("prefill", "decode"):
-        assert lora.phases[phase].comm_time == base.phases[phase].comm_time
+        assert lora.phases[phase].comm_time == pytest.approx(base.phases[phase].comm_time, rel=1e-12)  # summation order
         assert lora.phases[phase].time > base.phases[phase].time
     # A of a column site is replicated (full FLOPs), B split; A of a row site split, B replicated
     g = ModelSource(ROOT / "models/llama2-7b.yaml").graph(1, 8, 8)

@@ -37,8 +37,8 @@ def test_dynamic_matches_peft(exported, tmp_path, family, dynamo, fuse):
     peft_model = make_adapter(model, tmp_path / "adapter", r=4, lora_alpha=8, target_modules=list(FAMILIES[family].targets))
     out = tmp_path / "dynamic.onnx"
     args = ["rewrite", str(onnx_path), "--adapter", str(tmp_path / "adapter"), "--strategy", "dynamic", "-o", str(out)]
-    if not fuse:
-        args += ["--rules", str(rules_file(tmp_path, tmp_path / "adapter", fuse_shared_inputs=False))]
+    if fuse:
+        args += ["--rules", str(rules_file(tmp_path, tmp_path / "adapter", fuse_shared_inputs=True))]
     assert main(args) == 0
     ids = example_ids(batch=2, seq=9, seed=5)
     expected = eager(peft_model, ids)

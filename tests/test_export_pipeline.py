@@ -17,7 +17,7 @@ from safetensors.numpy import load_file
 from lorapass.cli import main as lorapass_main
 from lorapass.errors import ModelError
 from lorapass.fx.export import ExportResult, export, save
-from lorapass.onnx.dynamic import METADATA_KEY
+from lorapass.onnx.slots import METADATA_KEY
 from lorapass.onnx.load import load_model
 from lorapass.onnx.sites import find_sites as find_onnx_sites
 

@@ -15,7 +15,7 @@ from lorapass.errors import AdapterError, ModelError, RuleError, UnsupportedErro
 from lorapass.fx.program import Program
 from lorapass.fx.sites import find_sites
 from lorapass.fx.trace import trace
-from lorapass.onnx.dynamic import METADATA_KEY
+from lorapass.onnx.slots import METADATA_KEY
 from lorapass.rules import LoraRule, RuleSet
 
 TOL = 1e-4

@@ -46,7 +46,7 @@ def select(graph: OpGraph, rules: Any) -> dict[str, tuple[Any, Any]]:
 
 
 def _fuse(rule: Any) -> bool:
-    return bool(getattr(rule, "fuse_shared_inputs", True))
+    return bool(getattr(rule, "fuse_shared_inputs", False))
 
 
 def apply_dynamic(graph: OpGraph, selection: dict[str, tuple[Any, Any]]) -> OpGraph:

@@ -6,7 +6,7 @@ For a site at module path ``p`` (traced as ``<prefix>.p``) reading ``x`` and pro
 
 ``lora_A`` [in, r] and ``lora_B`` [r, out] are new buffers of the program (placeholders of an
 ExportedProgram, ``get_attr`` of a GraphModule) holding exactly what the ONNX dynamic strategy stores
-(:func:`lorapass.onnx.dynamic.lora_weights`: PEFT's A transposed, PEFT's B transposed with the scale
+(:class:`lorapass.onnx.slots.LinearSlot`: PEFT's A transposed, PEFT's B transposed with the scale
 alpha/r or alpha/sqrt(r) folded in, zeros without an adapter), in the weight's dtype. Folding the scale
 into B keeps one weight contract for every frontend: ONNX Runtime adapter files carry no alpha. No module
 is swapped: the graph gains nodes and state, the model's own modules and weights are untouched.
@@ -20,7 +20,7 @@ import torch
 
 from lorapass.fx.program import Program, aten
 from lorapass.fx.sites import full_path
-from lorapass.onnx.dynamic import METADATA_KEY, lora_weights, record
+from lorapass.onnx.slots import METADATA_KEY, LinearSlot
 from lorapass.onnx.sites import SiteReport
 from lorapass.plan import Target
 
@@ -43,13 +43,15 @@ def insert_lora(program: Program, report: SiteReport, targets: list[Target]) -> 
         site = target.site
         if site.path not in slots:
             weight = program.tensor(site.weight)
-            a, b = lora_weights(target)
+            slot = LinearSlot.for_target(target)
+            values = slot.values(target.module)
+            a, b = values[slot.record["lora_A"]], values[slot.record["lora_B"]]
             full = full_path(report, site.path)
             keys[site.path] = (f"{full}.lora_A", f"{full}.lora_B")
             slots[site.path] = tuple(
                 program.add(key, torch.from_numpy(array).to(device=weight.device, dtype=weight.dtype))
                 for key, array in zip(keys[site.path], (a, b)))
-            records.append(record(target))
+            records.append(slot.record)
         a_node, b_node = slots[site.path]
         y, x = nodes[site.output], nodes[site.input]
         down = program.call(_matmul(x), (x, a_node), after=y, like=y)

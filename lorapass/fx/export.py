@@ -51,7 +51,7 @@ class ExportResult:
     @property
     def lora_inputs(self) -> list[str]:
         """The graph inputs an ONNX Runtime adapter may override (empty for merge)."""
-        from lorapass.onnx.dynamic import input_names
+        from lorapass.onnx.slots.linear import input_names
 
         return [name for path in self.fx.slots for name in input_names(path)]
 

@@ -15,8 +15,8 @@ import json
 import onnx_ir as ir
 
 from lorapass.errors import UnsupportedError
-from lorapass.fx.dynamic import record
-from lorapass.onnx.dynamic import METADATA_KEY, input_names
+from lorapass.onnx.slots import METADATA_KEY
+from lorapass.onnx.slots.linear import LinearSlot, input_names
 from lorapass.plan import Target
 
 
@@ -42,7 +42,7 @@ def promote_lora_inputs(model: ir.Model, targets: list[Target], slots: dict[str,
             value.shape = ir.Shape(dims)
             graph.inputs.append(value)
         _symbolic_rank(graph.initializers[input_names(path)[0]], target.params.r, rank)
-        records.append(record(target))
+        records.append(LinearSlot.for_target(target).record)
     model.metadata_props[METADATA_KEY] = json.dumps(records)
     return len(records)
 

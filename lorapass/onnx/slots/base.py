@@ -1,0 +1,81 @@
+"""The slot interface and the registry that rebuilds slots from ``lorapass.lora`` records."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import ClassVar
+
+import numpy as np
+
+from lorapass.kinds import Kind
+
+METADATA_KEY = "lorapass.lora"
+"""Model metadata: JSON list with one record per slot ({slot, path, inputs, in, out, r, alpha, scale, ...})."""
+
+
+@dataclass(frozen=True)
+class SlotInput:
+    """One overridable graph input of a slot: its name, dims (ints or the symbolic rank) and role."""
+
+    name: str
+    dims: tuple[int | str, ...]
+    role: str
+
+
+class Slot(ABC):
+    """One site's (or one packed node's) LoRA branch in a dynamic graph."""
+
+    type: ClassVar[str]
+
+    def __init__(self, record: dict) -> None:
+        self.record = record
+
+    @property
+    def path(self) -> str:
+        return self.record["path"]
+
+    @abstractmethod
+    def inputs(self) -> list[SlotInput]:
+        """The slot's graph inputs."""
+
+    @abstractmethod
+    def values(self, module: Kind | None) -> dict[str, np.ndarray]:
+        """Input name -> float32 value for an adapter module (zeros for None: the graph equals the base)."""
+
+    @abstractmethod
+    def branch(self, b: Branch, x, inputs: dict) -> object:
+        """Build the nodes computing the branch's delta from the activation ``x`` (the site's input) and the
+        slot's graph inputs (role -> value); returns the delta, which joins the site's output by ``Add``."""
+
+
+_TYPES: dict[str, type[Slot]] = {}
+
+
+def register(cls: type[Slot]) -> type[Slot]:
+    """Class decorator: make records of ``cls.type`` rebuildable by :func:`from_record`."""
+    _TYPES[cls.type] = cls
+    return cls
+
+
+def from_record(record: dict) -> Slot:
+    """The slot a ``lorapass.lora`` record describes (records without ``slot`` are linear, as first written)."""
+    kind = record.get("slot", "linear")
+    if kind not in _TYPES:
+        raise KeyError(kind)
+    return _TYPES[kind](record)
+
+
+class Branch:
+    """Collects the nodes of one branch; ``op`` makes a default-domain node and returns its output(s)."""
+
+    def __init__(self) -> None:
+        self.nodes: list = []
+
+    def op(self, op_type: str, inputs: list, name: str, attributes: dict | None = None, outputs: int = 1):
+        import onnx_ir as ir
+
+        attrs = [ir.convenience.convert_attribute(k, v) for k, v in (attributes or {}).items()]
+        node = ir.Node("", op_type, inputs, attrs, num_outputs=outputs, name=name)
+        self.nodes.append(node)
+        return node.outputs[0] if outputs == 1 else list(node.outputs)
