@@ -21,6 +21,7 @@ class Adapter:
     modules: dict[str, Kind] = field(default_factory=dict)
     format: str = "peft"
     files: list[Path] = field(default_factory=list)  # every file read (provenance, output collision checks)
+    weight: float = 1.0  # the user multiplier already folded into every module's scale
 
     @property
     def directory(self) -> Path:
@@ -31,8 +32,8 @@ class Adapter:
         return self.modules[module].key(role)
 
 
-def load_adapter(source, allow_pickle: bool = False) -> Adapter:
+def load_adapter(source, allow_pickle: bool = False, weight: float = 1.0) -> Adapter:
     """Read an adapter in any supported format (see :func:`lorapass.formats.load_adapter`)."""
     from lorapass.formats import load_adapter as load
 
-    return load(source, allow_pickle=allow_pickle)
+    return load(source, allow_pickle=allow_pickle, weight=weight)

@@ -11,7 +11,9 @@ from lorapass.errors import LorapassError, RuleError
 
 
 def _add_selection(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--adapter", metavar="DIR", help="PEFT adapter directory (adapter_config.json + adapter_model.safetensors)")
+    p.add_argument("--adapter", metavar="PATH[:WEIGHT]", action="append",
+                   help="adapter: a PEFT directory (adapter_config.json + adapter_model.safetensors); WEIGHT "
+                        "multiplies its scale; several --adapter merge as the sum of their deltas")
     p.add_argument("--rules", metavar="FILE", help="YAML rules; default: the adapter's own config")
     p.add_argument("--prefix", help="wrapper scope to strip from module paths (default: detected)")
     p.add_argument("--allow-pickle", action="store_true",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import hashlib
 
 import numpy as np
@@ -128,3 +129,26 @@ def test_weight_shared_by_two_sites_is_copied_not_corrupted(tmp_path):
     merged = w + (lora_b @ lora_a * 2.0).T
     np.testing.assert_allclose(y[:, :6], xs @ merged, rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(y[:, 6:], xs @ w, rtol=1e-5, atol=1e-5)
+
+
+def test_two_weighted_adapters_merge_as_the_sum_of_their_deltas(exported, tmp_path):
+    """``--adapter A --adapter B:0.5``: W + s_A·ΔA + 0.5·s_B·ΔB, against PEFT with both adapters active."""
+    from peft import PeftModel
+    from peft.tuners.lora import LoraLayer
+
+    model, onnx_path = exported("llama")
+    make_adapter(model, tmp_path / "a", seed=1, r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"])
+    make_adapter(model, tmp_path / "b", seed=2, r=2, lora_alpha=8, target_modules=["v_proj", "down_proj"])
+    peft_model = PeftModel.from_pretrained(copy.deepcopy(model), str(tmp_path / "a"), adapter_name="a")
+    peft_model.load_adapter(str(tmp_path / "b"), adapter_name="b")
+    peft_model.base_model.set_adapter(["a", "b"])
+    for module in peft_model.modules():
+        if isinstance(module, LoraLayer) and "b" in module.scaling:
+            module.scaling["b"] *= 0.5
+    ids = example_ids(seed=8)
+    out = tmp_path / "merged.onnx"
+    assert main(["rewrite", str(onnx_path), "--adapter", str(tmp_path / "a"), "--adapter", f"{tmp_path / 'b'}:0.5",
+                 "--strategy", "merge", "-o", str(out)]) == 0
+    expected = eager(peft_model.eval(), ids)
+    assert rel_err(run_onnx(out, ids), expected) <= TOL
+    assert rel_err(eager(model, ids), expected) > 1e-3

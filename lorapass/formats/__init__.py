@@ -1,7 +1,8 @@
 """Adapter file formats: small readers that each yield one :class:`~lorapass.adapter.Adapter`.
 
 ``load_adapter`` picks the reader from what ``source`` is: a PEFT directory (``adapter_config.json`` +
-``adapter_model.safetensors``) today.
+``adapter_model.safetensors``) today. A user weight (the SD UIs' multiplier, ``FILE:WEIGHT`` on the command
+line) multiplies every module's scale.
 """
 
 from __future__ import annotations
@@ -16,13 +17,35 @@ if TYPE_CHECKING:
     from lorapass.adapter import Adapter
 
 
-def load_adapter(source: str | os.PathLike, allow_pickle: bool = False) -> Adapter:
-    """Read the adapter at ``source``; ``allow_pickle`` permits a PEFT ``adapter_model.bin``."""
+def parse_spec(spec: str | os.PathLike) -> tuple[Path, float]:
+    """``PATH`` or ``PATH:WEIGHT`` -> (path, weight); a path that exists as given is never split."""
+    text = os.fspath(spec)
+    head, sep, tail = text.rpartition(":")
+    if not sep or Path(text).exists():
+        return Path(text), 1.0
+    try:
+        weight = float(tail)
+    except ValueError:
+        return Path(text), 1.0
+    if weight != weight or weight in (float("inf"), float("-inf")):
+        raise AdapterError(f"{text}: the adapter weight {tail!r} must be a finite number")
+    return Path(head), weight
+
+
+def load_adapter(source: str | os.PathLike, allow_pickle: bool = False, weight: float = 1.0) -> Adapter:
+    """Read the adapter at ``source``; ``allow_pickle`` permits a PEFT ``adapter_model.bin``; ``weight``
+    multiplies every module's scale."""
     from lorapass.formats import peft
 
     path = Path(source)
     if path.is_dir():
-        return peft.read(path, allow_pickle=allow_pickle)
-    if not path.exists():
+        adapter = peft.read(path, allow_pickle=allow_pickle)
+    elif not path.exists():
         raise AdapterError(f"{path}: no such adapter directory or file")
-    raise AdapterError(f"{path}: not an adapter lorapass can read (expected a PEFT adapter directory)")
+    else:
+        raise AdapterError(f"{path}: not an adapter lorapass can read (expected a PEFT adapter directory)")
+    if weight != 1.0:
+        adapter.weight = weight
+        for kind in adapter.modules.values():
+            kind.scale *= weight
+    return adapter

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Literal
 
 from lorapass.adapter import Adapter, load_adapter
-from lorapass.errors import RuleError
+from lorapass.errors import RuleError, UnsupportedError
 from lorapass.onnx.load import load_model
 from lorapass.onnx.merge import merge
 from lorapass.onnx.save import SaveStats, save_model
@@ -30,18 +30,38 @@ class RewriteResult:
     stats: SaveStats = field(default_factory=SaveStats)
 
 
-def resolve_inputs(adapter: str | os.PathLike | Adapter | None, rules: str | os.PathLike | LoraRule | RuleSet | None,
+def as_adapters(adapter, allow_pickle: bool = False) -> list[Adapter]:
+    """``adapter`` (one spec or a list; a spec is an Adapter, a path, or ``PATH:WEIGHT``) as loaded adapters."""
+    from lorapass.formats import parse_spec
+
+    specs = [] if adapter is None else list(adapter) if isinstance(adapter, (list, tuple)) else [adapter]
+    out = []
+    for spec in specs:
+        if isinstance(spec, Adapter):
+            out.append(spec)
+        else:
+            path, weight = parse_spec(spec)
+            out.append(load_adapter(path, allow_pickle=allow_pickle, weight=weight))
+    return out
+
+
+def resolve_inputs(adapter, rules: str | os.PathLike | LoraRule | RuleSet | None,
                    allow_pickle: bool = False) -> tuple[Adapter | None, LoraRule | RuleSet]:
-    """The adapter (if any) and the rules: given rules win, else the adapter's own config."""
-    if isinstance(adapter, (str, os.PathLike)):
-        adapter = load_adapter(adapter, allow_pickle=allow_pickle)
+    """One adapter (if any) and the rules: given rules win, else the adapter's own config."""
+    adapters = as_adapters(adapter, allow_pickle)
+    if len(adapters) > 1:
+        raise RuleError("this command takes one adapter")
+    return (adapters[0] if adapters else None), _rules(rules, adapters[0] if adapters else None)
+
+
+def _rules(rules, adapter: Adapter | None) -> LoraRule | RuleSet:
     if isinstance(rules, (str, os.PathLike)):
         rules = RuleSet.from_yaml(rules)
     if rules is None:
         if adapter is None:
-            raise RuleError("nothing to apply: give an adapter directory or a rules file")
+            raise RuleError("nothing to apply: give an adapter or a rules file")
         rules = adapter.rule
-    return adapter, rules
+    return rules
 
 
 def strategy_of(rules: LoraRule | RuleSet, strategy: Strategy | None) -> Strategy:
@@ -53,18 +73,25 @@ def strategy_of(rules: LoraRule | RuleSet, strategy: Strategy | None) -> Strateg
     return found.pop()
 
 
-def rewrite(model: str | os.PathLike, output: str | os.PathLike, adapter: str | os.PathLike | Adapter | None = None,
+def rewrite(model: str | os.PathLike, output: str | os.PathLike, adapter=None,
             rules: str | os.PathLike | LoraRule | RuleSet | None = None, strategy: Strategy | None = None,
             prefix: str | None = None, allow_pickle: bool = False, progress: bool | None = None) -> RewriteResult:
-    """Apply LoRA to the ONNX file ``model`` and write ``output``; the input is never modified."""
-    adapter, rules = resolve_inputs(adapter, rules, allow_pickle)
-    strategy = strategy_of(rules, strategy)
+    """Apply LoRA to the ONNX file ``model`` and write ``output``; the input is never modified.
+
+    ``adapter`` is one adapter or a list (an Adapter, a path, or ``PATH:WEIGHT``); several adapters merge as the
+    sum of their weighted deltas. ``rules`` select the targets (default: each adapter's own config).
+    """
+    adapters = as_adapters(adapter, allow_pickle)
+    rule_sets = [_rules(rules, a) for a in adapters] or [_rules(rules, None)]
+    strategy = strategy_of(rule_sets[0], strategy)
+    if strategy == "merge" and not adapters:
+        raise RuleError("strategy merge needs an adapter's weights (--adapter)")
+    if strategy == "dynamic" and len(adapters) > 1:
+        raise UnsupportedError("strategy dynamic takes one adapter (export the others with export-adapter and swap them)")
     graph = load_model(model)
-    report = find_sites(graph, prefix=prefix, wanted=adapter.modules if adapter else ())
-    targets = plan(report.sites, rules, report.output_heads, adapter)
+    report = find_sites(graph, prefix=prefix, wanted=[m for a in adapters for m in a.modules])
+    targets = [t for a, r in zip(adapters or [None], rule_sets) for t in plan(report.sites, r, report.output_heads, a)]
     if strategy == "merge":
-        if adapter is None:
-            raise RuleError("strategy merge needs an adapter's weights (--adapter)")
         merge(graph, targets)
     else:
         from lorapass.onnx.dynamic import insert_lora
