@@ -11,6 +11,7 @@ import numpy as np
 
 from lorapass.errors import AdapterError, UnsupportedError
 from lorapass.rules import LoraRule
+from lorapass.tensors import checked, pickle_payload
 
 CONFIG = "adapter_config.json"
 SAFETENSORS = "adapter_model.safetensors"
@@ -58,7 +59,7 @@ def _read_tensor(path: Path, key: str) -> np.ndarray:
 
     try:
         with safe_open(str(path), framework="numpy") as f:
-            return f.get_tensor(key).astype(np.float32)
+            return checked(f.get_tensor(key), key, path)
     except TypeError:  # bfloat16 and other dtypes numpy lacks: read through torch
         pass
     try:
@@ -66,7 +67,7 @@ def _read_tensor(path: Path, key: str) -> np.ndarray:
     except ImportError as exc:
         raise UnsupportedError(f"{path}: tensor {key!r} has a dtype numpy cannot read; install torch") from exc
     with safe_open(str(path), framework="pt") as f:
-        return f.get_tensor(key).float().numpy()
+        return checked(f.get_tensor(key), key, path)
 
 
 _PICKLED: dict[Path, dict[str, np.ndarray]] = {}
@@ -80,7 +81,7 @@ def _pickle_tensors(path: Path) -> dict[str, np.ndarray]:
             state = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as exc:
             raise AdapterError(f"{path}: cannot be read with torch.load(weights_only=True): {exc}") from exc
-        _PICKLED[path] = {k: v.float().numpy() for k, v in state.items()}
+        _PICKLED[path] = pickle_payload(state, path)
     return _PICKLED[path]
 
 

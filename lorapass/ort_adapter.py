@@ -8,38 +8,57 @@ import os
 from pathlib import Path
 
 import numpy as np
-import onnx
+import onnx_ir as ir
 
 from lorapass.adapter import Adapter, load_adapter
+from lorapass.atomic import Transaction
 from lorapass.errors import AdapterError, ModelError, ShapeMismatchError
 from lorapass.onnx.dynamic import METADATA_KEY
+from lorapass.onnx.load import load_model
+from lorapass.provenance import input_files
 
-_DTYPES = {onnx.TensorProto.FLOAT: np.float32, onnx.TensorProto.FLOAT16: np.float16}
+_DTYPES = {ir.DataType.FLOAT: np.float32, ir.DataType.FLOAT16: np.float16}
 
 
-def lora_inputs(model: str | os.PathLike) -> dict[str, tuple[list[int | str], np.dtype]]:
-    """The LoRA graph inputs of a dynamic model: name -> (dims, dtype), from its ``lorapass.lora`` record."""
-    proto = onnx.load(str(model), load_external_data=False)
-    meta = {p.key: p.value for p in proto.metadata_props}
-    if METADATA_KEY not in meta:
+def _slot_names(graph: ir.Model, model: str | os.PathLike) -> set[str]:
+    """The LoRA input names the ``lorapass.lora`` record lists; ModelError if it is missing or malformed."""
+    text = graph.metadata_props.get(METADATA_KEY)
+    if text is None:
         raise ModelError(f"{model}: not a lorapass dynamic graph (no {METADATA_KEY!r} metadata)")
-    names = {n for rec in json.loads(meta[METADATA_KEY]) for n in (rec["lora_A"], rec["lora_B"])}
+    try:
+        records = json.loads(text)
+    except (ValueError, RecursionError) as exc:
+        raise ModelError(f"{model}: metadata {METADATA_KEY!r} is not valid JSON ({exc})") from None
+    if not isinstance(records, list) or not all(
+            isinstance(r, dict) and isinstance(r.get("lora_A"), str) and isinstance(r.get("lora_B"), str) for r in records):
+        raise ModelError(f"{model}: metadata {METADATA_KEY!r} must be a JSON list of slot records, each with "
+                         "string 'lora_A' and 'lora_B' input names")
+    names = {n for r in records for n in (r["lora_A"], r["lora_B"])}
+    missing = sorted(names - {v.name for v in graph.graph.inputs})
+    if missing:
+        raise ModelError(f"{model}: metadata {METADATA_KEY!r} lists LoRA inputs the graph does not have: {missing[:4]}")
+    return names
+
+
+def lora_inputs(model: str | os.PathLike, graph: ir.Model | None = None) -> dict[str, tuple[list[int | str], np.dtype]]:
+    """The LoRA graph inputs of a dynamic model: name -> (dims, dtype), from its ``lorapass.lora`` record."""
+    graph = graph or load_model(model)
+    names = _slot_names(graph, model)
     out = {}
-    for value in proto.graph.input:
+    for value in graph.graph.inputs:
         if value.name in names:
-            t = value.type.tensor_type
-            dims = [d.dim_value if d.HasField("dim_value") else d.dim_param for d in t.shape.dim]
-            out[value.name] = (dims, np.dtype(_DTYPES.get(t.elem_type, np.float32)))
+            dims = [d if isinstance(d, int) else str(d.value) for d in (value.shape or [])]
+            out[value.name] = (dims, np.dtype(_DTYPES.get(value.dtype, np.float32)))
     return out
 
 
-def adapter_parameters(adapter: Adapter, model: str | os.PathLike) -> dict[str, np.ndarray]:
+def adapter_parameters(adapter: Adapter, model: str | os.PathLike, graph: ir.Model | None = None) -> dict[str, np.ndarray]:
     """The adapter's A [in, r] and scale·B [r, out] keyed by the graph's input names, checked against them.
 
     Uses the graph's own ``lorapass.lora`` record for which module paths have slots and the adapter's
     config for each module's rank and scale (rank_pattern / alpha_pattern / rslora as PEFT resolves them).
     """
-    slots = lora_inputs(model)
+    slots = lora_inputs(model, graph)
     params: dict[str, np.ndarray] = {}
     unknown = []
     for module in adapter.modules:
@@ -72,16 +91,19 @@ def export_adapter(adapter_dir: str | os.PathLike | Adapter, model: str | os.Pat
     import onnxruntime as ort
 
     adapter = adapter_dir if isinstance(adapter_dir, Adapter) else load_adapter(adapter_dir)
-    params = adapter_parameters(adapter, model)
+    graph = load_model(model)
+    params = adapter_parameters(adapter, model, graph)
     fmt = ort.AdapterFormat()
     fmt.set_parameters({k: ort.OrtValue.ortvalue_from_numpy(v) for k, v in params.items()})
-    output = Path(output)
-    tmp = output.with_name(f".{output.name}.tmp-{os.getpid()}")
-    try:
-        fmt.export_adapter(str(tmp))
-        os.replace(tmp, output)
-    finally:
-        tmp.unlink(missing_ok=True)
+    output, model = Path(output), Path(model)
+    data = {model.parent / v.const_value.location for v in graph.graph.initializers.values()
+            if isinstance(v.const_value, ir.ExternalTensor)}
+    with Transaction([output], [model, *data, *input_files(adapter, None)]) as commit:
+        try:
+            fmt.export_adapter(str(commit.temp(output)))
+        except RuntimeError as exc:  # onnxruntime reports I/O failures as RuntimeError
+            raise OSError(f"{output}: onnxruntime could not write the adapter ({exc})") from exc
+        commit.commit()
     return output
 
 

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
+from lorapass import provenance
 from lorapass.adapter import Adapter, load_adapter
 from lorapass.errors import RuleError
 from lorapass.onnx.load import load_model
@@ -55,13 +56,20 @@ def strategy_of(rules: LoraRule | RuleSet, strategy: Strategy | None) -> Strateg
 
 def rewrite(model: str | os.PathLike, output: str | os.PathLike, adapter: str | os.PathLike | Adapter | None = None,
             rules: str | os.PathLike | LoraRule | RuleSet | None = None, strategy: Strategy | None = None,
-            prefix: str | None = None, allow_pickle: bool = False, progress: bool | None = None) -> RewriteResult:
-    """Apply LoRA to the ONNX file ``model`` and write ``output``; the input is never modified."""
+            prefix: str | None = None, allow_pickle: bool = False, progress: bool | None = None,
+            force: bool = False) -> RewriteResult:
+    """Apply LoRA to the ONNX file ``model`` and write ``output``; the input is never modified.
+
+    The output records what was applied (:mod:`lorapass.provenance`); applying LoRA to a graph that already
+    has lorapass slots, or merging the same adapter twice, is refused unless ``force``.
+    """
+    rules_file = rules if isinstance(rules, (str, os.PathLike)) else None
     adapter, rules = resolve_inputs(adapter, rules, allow_pickle)
     strategy = strategy_of(rules, strategy)
     graph = load_model(model)
     report = find_sites(graph, prefix=prefix, wanted=adapter.modules if adapter else ())
     targets = plan(report.sites, rules, report.output_heads, adapter)
+    provenance.stamp(graph, model, adapter, strategy, targets, force, rules_file)
     if strategy == "merge":
         if adapter is None:
             raise RuleError("strategy merge needs an adapter's weights (--adapter)")
@@ -70,5 +78,5 @@ def rewrite(model: str | os.PathLike, output: str | os.PathLike, adapter: str | 
         from lorapass.onnx.dynamic import insert_lora
 
         insert_lora(graph, targets, adapter)
-    stats = save_model(graph, model, output, progress=progress)
+    stats = save_model(graph, model, output, progress=progress, inputs=provenance.input_files(adapter, rules_file))
     return RewriteResult(Path(output), strategy, report, targets, stats)
