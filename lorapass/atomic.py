@@ -180,11 +180,14 @@ class Transaction:
                 done.append((output, backup))
                 os.replace(self.temps[output], output)
         except BaseException:
-            for output, backup in reversed(done):
-                if backup is None:
-                    output.unlink(missing_ok=True)
-                else:
-                    os.replace(backup, output)
+            for output, backup in reversed(done):  # best effort: one failed step does not stop the others
+                try:
+                    if backup is None:
+                        output.unlink(missing_ok=True)
+                    else:
+                        os.replace(backup, output)
+                except OSError:
+                    pass
             raise
         for _, backup in done:
             if backup is not None:
@@ -197,11 +200,11 @@ class Transaction:
         for temp in self.temps.values():
             temp.unlink(missing_ok=True)
         if not self.committed:
-            for folder in reversed(self.made_dirs):
+            for folder in sorted(self.made_dirs, key=lambda p: len(p.parts), reverse=True):  # deepest first
                 try:
                     folder.rmdir()
                 except OSError:
-                    break
+                    pass
         if isinstance(error, OSError) and error.filename is None:  # e.g. ENOSPC from a write: say where
             raise OSError(error.errno, error.strerror or str(error), str(self.outputs[0])) from error
 

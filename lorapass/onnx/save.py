@@ -96,7 +96,7 @@ def save_model(model: ir.Model, source: str | os.PathLike, out: str | os.PathLik
     No output file (model, data files, temporaries) may be ``source``, its external data or any of ``inputs``
     (e.g. the adapter's files, the rules file): ModelError before anything is written.
     """
-    source, out = Path(source).resolve(), Path(out).resolve()
+    source, out = Path(source).resolve(), Path(os.path.abspath(out))
     initializers = list(model.graph.initializers.values())
     external = [v for v in initializers if isinstance(v.const_value, ir.ExternalTensor)]
     replaced = [v for v in initializers if REPLACES in v.meta and isinstance(v.meta[REPLACES], ir.ExternalTensor)]
