@@ -21,7 +21,8 @@ WIDTH = 16
 
 
 class Tiny(torch.nn.Module):
-    """y = v(q(x)) + k(x): three bias-free linears; the adapters target "q" and "v", so "k" is copied as it is."""
+    """y = v(q(x)) + k(x): three bias-free linears; the adapters target "k" and "q" (one shared input), so "v"
+    is copied as it is."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -69,8 +70,8 @@ def build_template(folder: Path) -> None:
     model = Tiny().eval()
     (folder / "m").mkdir(parents=True)
     tiny_onnx(model, folder / "m" / "model.onnx")
-    make_adapter(model, folder / "a", seed=1, r=4, lora_alpha=8, target_modules=["q", "v"])
-    make_adapter(model, folder / "b", seed=2, r=2, lora_alpha=4, target_modules=["q", "v"])
+    make_adapter(model, folder / "a", seed=1, r=4, lora_alpha=8, target_modules=["k", "q"])
+    make_adapter(model, folder / "b", seed=2, r=2, lora_alpha=4, target_modules=["k", "q"])
     torch.save(model.state_dict(), folder / "tiny.pt")
 
 

@@ -97,7 +97,7 @@ def _data_of_other_name(case):
     ids=["model", "model-data", "adapter-weights", "adapter-config", "rules", "symlink-to-model",
          "hard-link-to-data", "data-name-of-output"])
 def test_output_never_overwrites_an_input(tiny, capsys, target):
-    (tiny.root / "rules.yaml").write_text("target_modules: [q, v]\nr: 4\nlora_alpha: 8\n")
+    (tiny.root / "rules.yaml").write_text("target_modules: [k, q]\nr: 4\nlora_alpha: 8\n")
     out = target(tiny)
     err = fails(capsys, tiny, [*merge_args(tiny, out), "--rules", tiny.root / "rules.yaml"], 2, "must not overwrite")
     assert str(out.parent) in err
@@ -281,7 +281,7 @@ def test_signals_during_the_commit_wait_for_it(tiny, capsys, monkeypatch):
 
 def test_export_adapter_output_paths(tiny, capsys):
     dynamic = tiny.out / "dyn.onnx"
-    assert cli(capsys, ["rewrite", tiny.model, "--strategy", "dynamic", "--target", "q", "v", "-o", dynamic])[0] == 0
+    assert cli(capsys, ["rewrite", tiny.model, "--strategy", "dynamic", "--target", "k", "q", "-o", dynamic])[0] == 0
     fails(capsys, tiny, ["export-adapter", tiny.a, "--model", dynamic, "-o", dynamic], 2, "must not overwrite")
     fails(capsys, tiny, ["export-adapter", tiny.a, "--model", dynamic, "-o", tiny.a / "adapter_model.safetensors"], 2,
           "must not overwrite")
