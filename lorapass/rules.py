@@ -31,7 +31,7 @@ result, so it is a RuleError naming the key and the closest known key, unless un
 :class:`~lorapass.errors.LorapassWarning` says the same and the key is ignored, as PEFT itself does.
 
 Values are checked where PEFT would only fail later or compute nonsense: ``lora_alpha`` and ``alpha_pattern``
-must be finite (negative alpha, PEFT's adapter negation, is allowed), ranks are 1..:data:`MAX_RANK`, and
+must be finite float32 values (negative alpha, PEFT's adapter negation, is allowed), ranks are 1..:data:`MAX_RANK`, and
 ``rank_pattern``/``alpha_pattern`` keys and ``layers_pattern`` must compile in the composed expressions that
 matching uses (an inline flag such as ``(?i)`` or a group named ``idx`` compiles alone but not there).
 """
@@ -47,10 +47,10 @@ import warnings
 from collections.abc import Callable, Collection, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, FiniteFloat, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from lorapass.errors import AdapterError, LorapassWarning, RuleError, UnsupportedError
 
@@ -71,6 +71,9 @@ PEFT_KEYS = frozenset((
     "monteclora_config", "layer_replication", "runtime_config", "lora_bias", "target_parameters", "use_bdlora",
     "arrow_config", "kasa_config", "ensure_weight_tying"))
 """Every field of PEFT 0.21's ``LoraConfig`` (with ``PeftConfig``'s): the keys an adapter_config.json may have."""
+_FLOAT32_MAX = 3.4028234663852886e38
+Alpha = Annotated[float, Field(allow_inf_nan=False, ge=-_FLOAT32_MAX, le=_FLOAT32_MAX)]
+"""A finite alpha that fits float32 (scales are applied in float32); negative alpha negates the adapter."""
 _UNKNOWN_KEYS: contextvars.ContextVar[str] = contextvars.ContextVar("lorapass_unknown_keys", default="error")
 
 
@@ -133,9 +136,9 @@ class LoraRule(BaseModel):
     layers_to_transform: int | list[int] | None = None
     layers_pattern: str | list[str] | None = None
     r: int = Field(8, gt=0, le=MAX_RANK)
-    lora_alpha: FiniteFloat = 8
+    lora_alpha: Alpha = 8
     rank_pattern: dict[str, int] = {}
-    alpha_pattern: dict[str, FiniteFloat] = {}
+    alpha_pattern: dict[str, Alpha] = {}
     use_rslora: bool = False
     fan_in_fan_out: bool = False
     strategy: Literal["merge", "dynamic"] = "merge"
