@@ -90,7 +90,10 @@ def remove_stale(output: Path) -> list[Path]:
         if match is None or not (match["name"] == output.name or match["name"].startswith(output.name + ".")):
             continue
         if not _alive(int(match["pid"])):
-            Path(entry.path).unlink(missing_ok=True)
+            try:
+                Path(entry.path).unlink(missing_ok=True)
+            except OSError:  # not ours to remove after all (permissions): leave it
+                continue
             removed.append(Path(entry.path))
     return removed
 

@@ -42,7 +42,7 @@ def _slot_names(graph: ir.Model, model: str | os.PathLike) -> set[str]:
 
 def lora_inputs(model: str | os.PathLike, graph: ir.Model | None = None) -> dict[str, tuple[list[int | str], np.dtype]]:
     """The LoRA graph inputs of a dynamic model: name -> (dims, dtype), from its ``lorapass.lora`` record."""
-    graph = graph or load_model(model)
+    graph = graph if graph is not None else load_model(model)
     names = _slot_names(graph, model)
     out = {}
     for value in graph.graph.inputs:

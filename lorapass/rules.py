@@ -215,7 +215,8 @@ class LoraRule(BaseModel):
         return chosen
 
     @classmethod
-    def from_peft_config(cls, config: dict[str, Any] | str | Path, unknown_keys: Literal["error", "warn"] | None = None) -> LoraRule:
+    def from_peft_config(cls, config: dict[str, Any] | str | Path,
+                         unknown_keys: Literal["error", "warn"] | None = None) -> LoraRule:
         """The rule of a PEFT ``adapter_config.json`` (a dict, the file, or its directory).
 
         A key PEFT 0.21 does not know is a RuleError, or with ``unknown_keys="warn"`` (default: "error", or
