@@ -34,7 +34,7 @@ def canonical_dtype(name: str) -> str:
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)  # .inf / .nan: never a spec value
 
 
 class PeakTflops(_Strict):
