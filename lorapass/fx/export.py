@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Any
 import onnx_ir as ir
 
 from lorapass.errors import ModelError, UnsupportedError
+from lorapass.progress import bar
 
 if TYPE_CHECKING:  # torch is an optional dependency: imported only when the pipeline runs
     import torch
@@ -144,10 +145,14 @@ def export(model: torch.nn.Module | torch.export.ExportedProgram, example_inputs
     if (isinstance(model, torch.nn.Module) and not isinstance(model, torch.fx.GraphModule)
             and example_inputs is None and example_kwargs is None):
         raise ModelError("export needs example inputs (example_inputs and/or example_kwargs) to trace the model")
-    result = apply(model, adapter=adapter, rules=rules, strategy=strategy, example_inputs=example_inputs,
-                   example_kwargs=example_kwargs, dynamic_shapes=dynamic_shapes, prefix=prefix,
-                   allow_pickle=allow_pickle, strict=strict)
-    onnx_model = to_onnx(result, example_inputs, example_kwargs, dynamic_shapes, input_names, output_names,
-                         opset_version, optimize)
-    written = save(onnx_model, path, external_data) if path is not None else None
+    with bar(total=3, desc="export", unit="step") as steps:  # trace and rewrite, torch.onnx, save
+        result = apply(model, adapter=adapter, rules=rules, strategy=strategy, example_inputs=example_inputs,
+                       example_kwargs=example_kwargs, dynamic_shapes=dynamic_shapes, prefix=prefix,
+                       allow_pickle=allow_pickle, strict=strict)
+        steps.update()
+        onnx_model = to_onnx(result, example_inputs, example_kwargs, dynamic_shapes, input_names, output_names,
+                             opset_version, optimize)
+        steps.update()
+        written = save(onnx_model, path, external_data) if path is not None else None
+        steps.update()
     return ExportResult(onnx_model, written, result)
