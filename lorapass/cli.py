@@ -9,6 +9,7 @@ after removing temporaries. No traceback is printed unless ``--debug`` is given 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import sys
 import traceback
@@ -167,6 +168,7 @@ def _show_warning(message, category, filename, lineno, file=None, line=None, _de
 def _without_bars_for_json(func: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
     """``func`` with progress bars hidden when the command prints JSON (they are hidden when piped anyway)."""
 
+    @functools.wraps(func)
     def run(args: argparse.Namespace) -> int:
         with progress.hidden(getattr(args, "json", False)):
             return func(args)
