@@ -109,8 +109,9 @@ def bench_merge(tmp: Path, shape: dict, repeat: int) -> dict:
     rss = max(m["peak_rss_bytes"] for m in merges)
     rss_budget = 3 * sizes["largest_tensor_bytes"] + 300 * 2**20
     return {
-        "model": {"params": sizes["params"], "data_bytes": sizes["bytes"], "largest_tensor_bytes": sizes["largest_tensor_bytes"],
-                  **shape, "dtype": "float16", "build_s": round(build_s, 2)},
+        "model": {"params": sizes["params"], "data_bytes": sizes["bytes"],
+                  "largest_tensor_bytes": sizes["largest_tensor_bytes"], **shape, "dtype": "float16",
+                  "build_s": round(build_s, 2)},
         "adapter": {"r": 16, "alpha": 32, "targets": merges[0]["targets"]},
         "merge_wall_s_median": round(merge_s, 3), "merge_wall_s": [round(m["wall_s"], 3) for m in merges],
         "merge_cpu_s": [{"user": round(m["user_s"], 2), "sys": round(m["sys_s"], 2)} for m in merges],
@@ -141,7 +142,8 @@ def bench_vs_peft(tmp: Path, shape: dict, repeat: int) -> dict:
     params = sum(p.numel() for p in model.parameters())
     peft_runs, lorapass_runs = [], []
     for i in range(repeat):
-        wall, line = child(["-c", PEFT_CHILD, str(tmp / "base"), str(tmp / "adapter"), str(tmp / "peft.onnx"), str(TESTS)])
+        wall, line = child(["-c", PEFT_CHILD, str(tmp / "base"), str(tmp / "adapter"), str(tmp / "peft.onnx"),
+                            str(TESTS)])
         peft_runs.append({"wall_s": wall, **json.loads(line)})
         remove(tmp / "peft.onnx")
         wall, _ = child(["-m", "lorapass.cli", "rewrite", str(base), "--adapter", str(tmp / "adapter"),
@@ -153,7 +155,8 @@ def bench_vs_peft(tmp: Path, shape: dict, repeat: int) -> dict:
     return {
         "model": {"params": params, **shape, "dtype": "float32", "base_export_s": round(base_export_s, 2)},
         "adapter": {"r": 16, "alpha": 32, "target_modules": "all-linear"},
-        "peft_route": "transformers from_pretrained + PeftModel.from_pretrained + merge_and_unload + torch.onnx.export(dynamo)",
+        "peft_route": "transformers from_pretrained + PeftModel.from_pretrained + merge_and_unload + "
+                      "torch.onnx.export(dynamo)",
         "lorapass_route": "lorapass rewrite base.onnx --adapter DIR --strategy merge",
         "peft_wall_s_median": round(peft_s, 3), "peft_wall_s": [round(r["wall_s"], 3) for r in peft_runs],
         "peft_phases_s": [{k: round(v, 3) for k, v in r.items() if k != "wall_s"} for r in peft_runs],

@@ -26,5 +26,6 @@ def rule(args: argparse.Namespace, name: str, strategy: str):
     if not 1 <= args.rank <= MAX_RANK:
         raise RuleError(f"--rank {args.rank}: the rank must be 1..{MAX_RANK}")
     target = args.target[0] if len(args.target) == 1 and args.target[0].lower() == "all-linear" else args.target
-    return _validated(LoraRule, dict(name=name, target_modules=target, r=args.rank, strategy=strategy,
-                                     lora_alpha=args.rank if args.alpha is None else args.alpha), "--target/--rank/--alpha")
+    alpha = args.rank if args.alpha is None else args.alpha
+    return _validated(LoraRule, dict(name=name, target_modules=target, r=args.rank, strategy=strategy, lora_alpha=alpha),
+                      "--target/--rank/--alpha")

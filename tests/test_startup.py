@@ -32,8 +32,9 @@ def test_cli_and_help_load_nothing_heavy():
         assert not {m for m in modules if m.split(".")[0] in HEAVY}, code
         ours = {m for m in modules if m.startswith("lorapass")}
         # the cost and fx packages are entered only for their subcommand parsers
-        assert ours <= {"lorapass", "lorapass.lazy", "lorapass.cli", "lorapass.errors", "lorapass.atomic", "lorapass.progress",
-                        "lorapass.shorthand", "lorapass.cost", "lorapass.cost.cli", "lorapass.fx", "lorapass.fx.cli"}, ours
+        assert ours <= {"lorapass", "lorapass.lazy", "lorapass.cli", "lorapass.errors", "lorapass.atomic",
+                        "lorapass.progress", "lorapass.shorthand", "lorapass.cost", "lorapass.cost.cli", "lorapass.fx",
+                        "lorapass.fx.cli"}, ours
 
 
 def test_import_lorapass_is_cheap_and_its_names_resolve_on_use():
@@ -73,4 +74,5 @@ def test_inspect_and_merge_never_import_torch(exported, tmp_path):
     modules = loaded_after(run)
     assert (tmp_path / "out" / "m.onnx").is_file()
     assert not {m for m in modules if m.split(".")[0] in ("torch", "transformers", "peft", "matplotlib")}
-    assert {m for m in modules if m.startswith(("lorapass.cost.", "lorapass.fx."))} == {"lorapass.cost.cli", "lorapass.fx.cli"}
+    parts = {m for m in modules if m.startswith(("lorapass.cost.", "lorapass.fx."))}
+    assert parts == {"lorapass.cost.cli", "lorapass.fx.cli"}  # the parsers only

@@ -126,5 +126,8 @@ class FoldedTensor(ir.LazyTensor):
 
     def __init__(self, operands: Callable[[], tuple[np.ndarray, np.ndarray, np.ndarray]], dtype: ir.DataType,
                  shape: ir.Shape, name: str | None = None) -> None:
-        super().__init__(lambda: ir.Tensor(fold(*operands()).reshape(shape.numpy()), name=name), dtype, shape, name=name)
+        def whole() -> ir.Tensor:
+            return ir.Tensor(fold(*operands()).reshape(shape.numpy()), name=name)
+
+        super().__init__(whole, dtype, shape, name=name)
         self.operands = operands

@@ -146,7 +146,8 @@ def _chunks(spans: Iterable[slice], row: int) -> Iterator[list[slice]]:
         yield chunk
 
 
-def _fold_chunk(buffer: list[np.ndarray], w: np.ndarray, left: np.ndarray, right: np.ndarray, spans: list[slice]) -> int:
+def _fold_chunk(buffer: list[np.ndarray], w: np.ndarray, left: np.ndarray, right: np.ndarray,
+                spans: list[slice]) -> int:
     """Fold the chunk's blocks into ``buffer[0]`` (grown if too small); returns the chunk's bytes."""
     start, stop = spans[0].start, spans[-1].stop
     nbytes = (stop - start) * w.shape[1] * w.dtype.itemsize
