@@ -97,6 +97,7 @@ def bench_merge(tmp: Path, shape: dict, repeat: int) -> dict:
     sizes = build(model, **shape)
     build_s = time.perf_counter() - t
     write_adapter(tmp / "adapter", linears(**shape), r=16, alpha=32)
+    os.sync()  # the build's 2.5 GB of dirty pages would otherwise be written back during the first rounds
     copies, merges = [], []
     for i in range(repeat):  # alternate so both see the same page-cache state and machine load
         copies.append(copy_files(model, tmp / "copy.onnx"))
@@ -169,15 +170,16 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     for key in ("layers", "hidden", "intermediate", "vocab"):
         parser.add_argument(f"--{key}", type=int, default=LLAMA_1B[key])
-    parser.add_argument("--repeat", type=int, default=3, help="rounds of copy + merge")
+    parser.add_argument("--repeat", type=int, default=3, help="rounds of copy + merge (0: skip that part)")
     parser.add_argument("--peft-shape", choices=[*PEFT_SHAPES, "none"], default="full")
     parser.add_argument("--peft-repeat", type=int, default=3, help="rounds of the PEFT route + the lorapass route")
     args = parser.parse_args()
     shape = {**LLAMA_1B, "layers": args.layers, "hidden": args.hidden, "intermediate": args.intermediate,
              "vocab": args.vocab}
     report = {"load_average_start": [round(x, 2) for x in os.getloadavg()], "cpus": os.cpu_count()}
-    with tempfile.TemporaryDirectory(dir=Path(__file__).parent) as tmp:
-        report["merge"] = bench_merge(Path(tmp), shape, args.repeat)
+    if args.repeat:
+        with tempfile.TemporaryDirectory(dir=Path(__file__).parent) as tmp:
+            report["merge"] = bench_merge(Path(tmp), shape, args.repeat)
     if args.peft_shape != "none":
         with tempfile.TemporaryDirectory(dir=Path(__file__).parent) as tmp:
             report["vs_peft"] = bench_vs_peft(Path(tmp), PEFT_SHAPES[args.peft_shape], args.peft_repeat)
