@@ -40,8 +40,11 @@ PEFT_SHAPES = {  # runtime_bench's FULL (99.5M parameters) and QUICK shapes
 }
 
 MERGE_CHILD = """
-import json, os, resource, sys, time
+import json, os, sys, time
 from lorapass.onnx.rewrite import rewrite
+for path in sys.argv[5:]:  # the previous output, removed just before timing (as the parent does before a copy)
+    os.unlink(path)
+time.sleep(float(sys.argv[4]))
 t, cpu = time.perf_counter(), os.times()
 result = rewrite(sys.argv[1], sys.argv[2], adapter=sys.argv[3], strategy="merge", progress=False)
 wall, cpu2 = time.perf_counter() - t, os.times()
@@ -69,7 +72,9 @@ print(json.dumps({"import_s": t1 - t0, "load_and_merge_s": t2 - t1, "export_s": 
 """
 
 
-def copy_files(model: Path, out: Path) -> float:
+def copy_files(model: Path, out: Path, previous: Path, settle: float) -> float:
+    remove(previous)
+    time.sleep(settle)
     t = time.perf_counter()
     shutil.copyfile(model, out)
     shutil.copyfile(model.with_name(model.name + ".data"), out.with_name(out.name + ".data"))
@@ -91,7 +96,7 @@ def child(args: list[str]) -> tuple[float, str]:
     return wall, out.stdout.strip().splitlines()[-1]
 
 
-def bench_merge(tmp: Path, shape: dict, repeat: int) -> dict:
+def bench_merge(tmp: Path, shape: dict, repeat: int, settle: float) -> dict:
     model = tmp / "llama1b.onnx"
     t = time.perf_counter()
     sizes = build(model, **shape)
@@ -99,17 +104,22 @@ def bench_merge(tmp: Path, shape: dict, repeat: int) -> dict:
     write_adapter(tmp / "adapter", linears(**shape), r=16, alpha=32)
     os.sync()  # the build's 2.5 GB of dirty pages would otherwise be written back during the first rounds
     copies, merges = [], []
-    for i in range(repeat):  # alternate so both see the same page-cache state and machine load
-        copies.append(copy_files(model, tmp / "copy.onnx"))
-        remove(tmp / "copy.onnx")
-        _, line = child(["-c", MERGE_CHILD, str(model), str(tmp / "merged.onnx"), str(tmp / "adapter")])
+    # Alternate, so both see the same page cache and machine load, and start each timing `settle` seconds after
+    # removing the other's output: a VM with free page reporting (virtio-balloon) hands freed memory back to its
+    # host within seconds, and writing into memory the host must back again costs ~10x the kernel time.
+    for i in range(repeat):
+        copies.append(copy_files(model, tmp / "copy.onnx", tmp / "merged.onnx", settle))
+        outputs = [str(p) for p in (tmp / "copy.onnx", tmp / "copy.onnx.data")]
+        _, line = child(["-c", MERGE_CHILD, str(model), str(tmp / "merged.onnx"), str(tmp / "adapter"), str(settle),
+                         *outputs])
         merges.append(json.loads(line))
-        remove(tmp / "merged.onnx")
+    remove(tmp / "merged.onnx")
     merge_s = statistics.median(m["wall_s"] for m in merges)
     copy_s = statistics.median(copies)
     rss = max(m["peak_rss_bytes"] for m in merges)
     rss_budget = 3 * sizes["largest_tensor_bytes"] + 300 * 2**20
     return {
+        "settle_s": settle,
         "model": {"params": sizes["params"], "data_bytes": sizes["bytes"],
                   "largest_tensor_bytes": sizes["largest_tensor_bytes"], **shape, "dtype": "float16",
                   "build_s": round(build_s, 2)},
@@ -171,6 +181,8 @@ def main() -> None:
     for key in ("layers", "hidden", "intermediate", "vocab"):
         parser.add_argument(f"--{key}", type=int, default=LLAMA_1B[key])
     parser.add_argument("--repeat", type=int, default=3, help="rounds of copy + merge (0: skip that part)")
+    parser.add_argument("--settle", type=float, default=0.0,
+                        help="seconds between removing the last output and timing the next copy or merge")
     parser.add_argument("--peft-shape", choices=[*PEFT_SHAPES, "none"], default="full")
     parser.add_argument("--peft-repeat", type=int, default=3, help="rounds of the PEFT route + the lorapass route")
     args = parser.parse_args()
@@ -179,7 +191,7 @@ def main() -> None:
     report = {"load_average_start": [round(x, 2) for x in os.getloadavg()], "cpus": os.cpu_count()}
     if args.repeat:
         with tempfile.TemporaryDirectory(dir=Path(__file__).parent) as tmp:
-            report["merge"] = bench_merge(Path(tmp), shape, args.repeat)
+            report["merge"] = bench_merge(Path(tmp), shape, args.repeat, args.settle)
     if args.peft_shape != "none":
         with tempfile.TemporaryDirectory(dir=Path(__file__).parent) as tmp:
             report["vs_peft"] = bench_vs_peft(Path(tmp), PEFT_SHAPES[args.peft_shape], args.peft_repeat)

@@ -7,7 +7,8 @@ whole fold), and torch costs a second to import. MLAS computes every element the
 blocking, except in a block of a single row (a gemv), so blocks never have one row unless W does: a blocked
 fold has the bits of a one-shot ``Gemm`` on the whole tensor.
 
-External tensors are read as read-only memory maps: the bytes go from the page cache straight into the kernel.
+External tensors are read as read-only memory maps; a writer streaming a fold reads their rows with ``pread``
+into a buffer that stays in cache (see :func:`location`): cheaper than faulting in and unmapping the map.
 """
 
 from __future__ import annotations
@@ -103,19 +104,22 @@ def _session(dtype: np.dtype):
 
 
 def read(tensor: ir.TensorProtocol) -> np.ndarray:
-    """The tensor's values; external data as a read-only memory map of its file (no copy into this process)."""
+    """The tensor's values; external data as a read-only ``np.memmap`` of its file (nothing read until used)."""
     if not isinstance(tensor, ir.ExternalTensor):
         return tensor.numpy()
     dtype = np.dtype(tensor.dtype.numpy()).newbyteorder("<")
-    offset = tensor.offset or 0
-    start = offset - offset % mmap.ALLOCATIONGRANULARITY
-    length = offset - start + tensor.size * dtype.itemsize
     if tensor.size == 0:
         return np.empty(tensor.shape.numpy(), dtype)
-    with open(tensor.path, "rb") as f:  # populated up front: one call maps every page instead of a fault per few
-        view = mmap.mmap(f.fileno(), length, flags=mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0),
-                         prot=mmap.PROT_READ, offset=start)
-    return np.frombuffer(view, dtype, tensor.size, offset - start).reshape(tensor.shape.numpy())
+    return np.memmap(tensor.path, dtype, "r", tensor.offset or 0, tuple(tensor.shape.numpy()))
+
+
+def location(w: np.ndarray) -> tuple[str, int] | None:
+    """(file, byte offset) of a C-contiguous array that maps a file (as :func:`read` gives), else None: a
+    reader can then ``pread`` rows straight into its own cache-sized buffer instead of faulting the map in."""
+    if not isinstance(w, np.memmap) or w.filename is None or not w.flags.c_contiguous or w.size == 0:
+        return None
+    base = np.frombuffer(w._mmap, np.uint8).ctypes.data  # the map starts at the offset rounded down to a granule
+    return w.filename, w.offset - w.offset % mmap.ALLOCATIONGRANULARITY + (w.ctypes.data - base)
 
 
 class FoldedTensor(ir.LazyTensor):
