@@ -117,11 +117,19 @@ def test_folded_tensor_numpy_keeps_its_shape():
 
 
 def test_writer_streams_folded_chunks_after_the_copy(small_blocks, tmp_path, monkeypatch):
-    """Many chunks, two fold threads, one writer: the file holds the copy's bytes and each fold at its offset."""
+    """Many chunks, two fold threads (one reading W from its file), one writer: the copy's bytes, each fold at its offset."""
     monkeypatch.setattr(save, "_CHUNK", 700)  # a few blocks per chunk
     src, dst = tmp_path / "src", tmp_path / "dst"
     src.write_bytes(bytes(range(256)) * 128)
     cases = [exact_case(37, 129, np.float16, seed=1), exact_case(300, 17, ml_dtypes.bfloat16, seed=2)]
+    w, left, right = cases[1]  # W mapped from a file, as read() gives it: the fold threads pread its rows
+    (tmp_path / "w.data").write_bytes(b"\0" * 4100 + w.tobytes())
+    mapped = kernel.read(ir.ExternalTensor("w.data", 4100, w.nbytes, ir.DataType.BFLOAT16, shape=ir.Shape(w.shape),
+                                           name="w", base_dir=tmp_path))
+    assert kernel.location(mapped) == (str(tmp_path / "w.data"), 4100)
+    assert kernel.location(mapped[7:]) == (str(tmp_path / "w.data"), 4100 + 7 * w.shape[1] * 2)
+    assert kernel.location(mapped[:, 1:]) is None and kernel.location(w) is None
+    cases[1] = (mapped, left, right)
     offsets = [1000, 1000 + cases[0][0].nbytes + 24]
     with _Writer(workers=2) as io:
         io.submit(lambda: dst.write_bytes(src.read_bytes()))  # a copy that truncates dst, as the real one does
@@ -130,5 +138,5 @@ def test_writer_streams_folded_chunks_after_the_copy(small_blocks, tmp_path, mon
         io.drain()
     out, expected = dst.read_bytes(), bytearray(src.read_bytes())
     for (w, left, right), offset in zip(cases, offsets):
-        expected[offset:offset + w.nbytes] = reference(w, left, right).tobytes()
+        expected[offset:offset + w.nbytes] = reference(np.asarray(w), left, right).tobytes()
     assert out == bytes(expected)
