@@ -2,8 +2,9 @@
 
 Part 1 (``merge``): a rank-16 all-linear adapter merged into a 1B-parameter-shaped fp16 Llama with external
 data (2.47 GB). Each round times a plain copy of the model's files, then a merge in a child process (its wall
-time, CPU time and peak RSS; imports excluded), alternately, so page-cache and machine noise fall on both.
-Targets: median merge <= 1.5x median copy; peak RSS <= 3x the largest tensor + 300 MB.
+time, CPU time and peak RSS; imports excluded), alternately, so page-cache and machine noise fall on both; each
+starts ``--settle`` seconds (default 0) after the other's output is removed. Targets: median merge <= 1.5x
+median copy; peak RSS <= 3x the largest tensor + 300 MB.
 
 Part 2 (``vs_peft``): the ~100M Llama of runtime_bench (fp32) with a rank-16 all-linear PEFT adapter. Today's
 route, in a fresh process each round: load the model and the adapter (transformers + PEFT), merge_and_unload,
@@ -11,7 +12,8 @@ torch.onnx.export (dynamo, as the base was exported). lorapass's route: ``lorapa
 ... --strategy merge`` on the base exported once. Both are whole processes (imports included), alternately.
 
 Prints JSON (medians, every run, ratios, the load average). Usage: python benchmarks/merge_bench.py
-[--layers N --hidden H --intermediate I --vocab V] [--repeat N] [--peft-shape full|quick|none] [--peft-repeat N]
+[--layers N --hidden H --intermediate I --vocab V] [--repeat N] [--settle S]
+[--peft-shape full|quick|none] [--peft-repeat N]
 """
 
 from __future__ import annotations

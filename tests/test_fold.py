@@ -117,7 +117,7 @@ def test_folded_tensor_numpy_keeps_its_shape():
 
 
 def test_writer_streams_folded_chunks_after_the_copy(small_blocks, tmp_path, monkeypatch):
-    """Many chunks, two fold threads (one reading W from its file), one writer: the copy's bytes, each fold at its offset."""
+    """Many chunks, two fold threads (one preads W from its file), one writer: the copy, then each fold in place."""
     monkeypatch.setattr(save, "_CHUNK", 700)  # a few blocks per chunk
     src, dst = tmp_path / "src", tmp_path / "dst"
     src.write_bytes(bytes(range(256)) * 128)
