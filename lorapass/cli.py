@@ -12,12 +12,35 @@ from lorapass.errors import LorapassError, RuleError
 
 def _add_selection(p: argparse.ArgumentParser) -> None:
     p.add_argument("--adapter", metavar="PATH[:WEIGHT]", action="append",
-                   help="adapter: a PEFT directory (adapter_config.json + adapter_model.safetensors); WEIGHT "
-                        "multiplies its scale; several --adapter merge as the sum of their deltas")
+                   help="adapter: a PEFT directory (adapter_config.json + adapter_model.safetensors) or a kohya / "
+                        "LyCORIS / diffusers .safetensors LoRA file; WEIGHT multiplies its scale; several --adapter "
+                        "merge as the sum of their deltas")
     p.add_argument("--rules", metavar="FILE", help="YAML rules; default: the adapter's own config")
     p.add_argument("--prefix", help="wrapper scope to strip from module paths (default: detected)")
     p.add_argument("--allow-pickle", action="store_true",
                    help="read adapter_model.bin (torch.load with weights_only=True) when no safetensors file exists")
+    _add_binding(p)
+
+
+def _add_binding(p: argparse.ArgumentParser) -> None:
+    """Options binding single-file adapters (kohya, LyCORIS, diffusers) to a graph's sites."""
+    p.add_argument("--component", choices=["unet", "text_encoder", "text_encoder_2", "transformer"],
+                   help="which model of a file holding several this graph is (default: detected from the graph)")
+    p.add_argument("--strict", action="store_true", help="fail when a module of the file matches no site")
+    p.add_argument("--unet-config", metavar="CONFIG_JSON",
+                   help="diffusers UNet config.json giving the block layout for SGM-named (SDXL kohya) files "
+                        "(default: read from the graph)")
+
+
+def _binding(args: argparse.Namespace) -> dict:
+    return {"component": args.component, "strict": args.strict, "unet_config": args.unet_config}
+
+
+def _report_keys(adapters) -> None:
+    """Each single file's matched / unmatched modules, on stderr."""
+    for adapter in adapters:
+        if adapter.binding is not None:
+            print(adapter.binding.summary(), file=sys.stderr)
 
 
 def _slot_rule(args: argparse.Namespace):
@@ -38,7 +61,8 @@ def _cmd_rewrite(args: argparse.Namespace) -> int:
 
     rules = _slot_rule(args)
     result = rewrite(args.model, args.output, adapter=args.adapter, rules=rules, strategy=args.strategy,
-                     prefix=args.prefix, allow_pickle=args.allow_pickle)
+                     prefix=args.prefix, allow_pickle=args.allow_pickle, **_binding(args))
+    _report_keys(result.adapters)
     summary = {
         "output": str(result.output),
         "strategy": result.strategy,
@@ -46,6 +70,7 @@ def _cmd_rewrite(args: argparse.Namespace) -> int:
         "targets": len(result.targets),
         "prefix": result.report.prefix,
         "bytes_written": result.stats.bytes_written,
+        "adapters": [a.binding.to_dict() for a in result.adapters if a.binding is not None],
     }
     print(json.dumps(summary) if args.json else
           f"{result.strategy}: {summary['targets']} of {summary['sites']} sites -> {result.output}")
@@ -54,12 +79,14 @@ def _cmd_rewrite(args: argparse.Namespace) -> int:
 
 def _cmd_inspect(args: argparse.Namespace) -> int:
     from lorapass.inspection import format_table, inspect_model
-    from lorapass.onnx.rewrite import resolve_inputs
+    from lorapass.onnx.rewrite import as_adapters
+    from lorapass.rules import RuleSet
 
-    adapter = rules = None
-    if args.adapter or args.rules:
-        adapter, rules = resolve_inputs(args.adapter, args.rules, args.allow_pickle)
-    result = inspect_model(args.model, adapter, rules, args.prefix)
+    adapters = as_adapters(args.adapter, args.allow_pickle)
+    if len(adapters) > 1:
+        raise RuleError("inspect takes one adapter")
+    rules = RuleSet.from_yaml(args.rules) if args.rules else None
+    result = inspect_model(args.model, adapters[0] if adapters else None, rules, args.prefix, **_binding(args))
     print(json.dumps(result.to_dict(), indent=2) if args.json else format_table(result))
     return 0
 
@@ -67,7 +94,7 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
 def _cmd_export_adapter(args: argparse.Namespace) -> int:
     from lorapass.ort_adapter import export_adapter
 
-    out = export_adapter(args.adapter, args.model, args.output)
+    out = export_adapter(args.adapter, args.model, args.output, **_binding(args))
     print(f"wrote {out}")
     return 0
 
@@ -94,10 +121,13 @@ def build_parser() -> argparse.ArgumentParser:
     _add_selection(p)
     p.set_defaults(func=_cmd_inspect)
 
-    p = sub.add_parser("export-adapter", help="write a PEFT adapter as an ONNX Runtime adapter for a dynamic graph")
-    p.add_argument("adapter", help="PEFT adapter directory")
+    p = sub.add_parser("export-adapter", help="write adapters as an ONNX Runtime adapter for a dynamic graph")
+    p.add_argument("adapter", nargs="+", metavar="PATH[:WEIGHT]",
+                   help="PEFT adapter directory or kohya / LyCORIS / diffusers LoRA file; several are blended "
+                        "(their weighted deltas summed, ranks concatenated)")
     p.add_argument("--model", required=True, help="the dynamic graph written by `lorapass rewrite --strategy dynamic`")
     p.add_argument("-o", "--output", required=True, help="output .onnx_adapter")
+    _add_binding(p)
     p.set_defaults(func=_cmd_export_adapter)
 
     from lorapass.cost.cli import add_analyse_parser, add_calibrate_parser

@@ -7,9 +7,10 @@ import os
 from dataclasses import dataclass, field
 
 from lorapass.adapter import Adapter
+from lorapass.formats.names import KeyReport
 from lorapass.errors import LorapassError
 from lorapass.onnx.load import load_model
-from lorapass.onnx.sites import SiteReport, find_sites
+from lorapass.onnx.sites import SiteReport
 from lorapass.plan import check_adapter, plan
 from lorapass.rules import LoraRule, RuleSet
 
@@ -23,6 +24,7 @@ class Inspection:
     hits: dict[str, dict] = field(default_factory=dict)  # site path -> {"rule", "r", "alpha", "scale"}
     problems: list[str] = field(default_factory=list)
     unmatched_adapter_modules: dict[str, str | None] = field(default_factory=dict)  # module -> closest site
+    binding: KeyReport | None = None  # a single file's modules bound to the sites
 
     def to_dict(self) -> dict:
         return {
@@ -33,15 +35,21 @@ class Inspection:
             "unresolved_nodes": self.report.unresolved,
             "sites": [s.to_dict() | {"target": self.hits.get(s.path)} for s in self.report.sites],
             "unmatched_adapter_modules": self.unmatched_adapter_modules,
+            "adapter_keys": self.binding.to_dict() if self.binding else None,
             "problems": self.problems,
         }
 
 
 def inspect_model(model: str | os.PathLike, adapter: Adapter | None = None, rules: LoraRule | RuleSet | None = None,
-                  prefix: str | None = None) -> Inspection:
-    """Find the sites of ``model`` and, given rules or an adapter, what a rewrite would target."""
-    report = find_sites(load_model(model), prefix=prefix, wanted=adapter.modules if adapter else ())
-    result = Inspection(str(model), report)
+                  prefix: str | None = None, component: str | None = None, strict: bool = False,
+                  unet_config: str | os.PathLike | None = None) -> Inspection:
+    """Find the sites of ``model`` and, given rules or an adapter, what a rewrite would target (a single-file
+    adapter bound to the sites first, see :func:`lorapass.onnx.rewrite.find_and_bind`)."""
+    from lorapass.onnx.rewrite import find_and_bind
+
+    report, bound = find_and_bind(load_model(model), [adapter] if adapter else [], prefix, component, strict, unet_config)
+    adapter = bound[0] if bound else None
+    result = Inspection(str(model), report, binding=adapter.binding if adapter else None)
     paths = list(dict.fromkeys(s.path for s in report.sites))
     if adapter is not None:
         for module in adapter.modules:
@@ -74,11 +82,16 @@ def format_table(result: Inspection) -> str:
     for s in rep.sites:
         hit = result.hits.get(s.path)
         target = f"{hit['rule']} r={hit['r']} alpha={hit['alpha']:g} scale={hit['scale']:.4g}" if hit else "-"
-        rows.append((s.path, s.op, s.layout, f"{s.in_features}->{s.out_features}", s.dtype, s.source, target))
+        shape = f"{s.in_features}->{s.out_features}" + (f" {'x'.join(map(str, s.kernel))}" if s.kernel else "")
+        rows.append((s.path, s.op, s.layout, shape, s.dtype, s.source, target))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     lines += ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
     if rep.unresolved:
         lines.append(f"unnamed linear nodes (not targeted): {', '.join(rep.unresolved)}")
+    if rep.unsupported:
+        lines += [f"unsupported node {node}: {why}" for node, why in rep.unsupported]
+    if result.binding is not None:
+        lines.append(result.binding.summary())
     for module, close in result.unmatched_adapter_modules.items():
         lines.append(f"adapter module {module!r} matches no site" + (f" (closest: {close!r})" if close else ""))
     lines += [f"problem: {p}" for p in result.problems]

@@ -1,5 +1,6 @@
-"""ONNX Runtime adapters: write a PEFT adapter in onnxruntime's adapter format for a dynamic graph,
-and a session helper that runs a rewritten model with a chosen adapter (hot swap, no reload)."""
+"""ONNX Runtime adapters: write adapters (PEFT directories, kohya / LyCORIS / diffusers files, or a weighted blend
+of several) in onnxruntime's adapter format for a dynamic graph, and a session helper that runs a rewritten model
+with a chosen adapter (hot swap, no reload)."""
 
 from __future__ import annotations
 
@@ -10,52 +11,74 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-from lorapass.adapter import Adapter, load_adapter
 from lorapass.errors import AdapterError, ModelError
-from lorapass.onnx.slots import METADATA_KEY, Slot, from_record
+from lorapass.onnx.slots import METADATA_KEY, SITES_KEY, Slot, from_record
 
 _DTYPES = {onnx.TensorProto.FLOAT: np.float32, onnx.TensorProto.FLOAT16: np.float16}
 
 
-def slots_of(model: str | os.PathLike) -> tuple[list[Slot], dict[str, np.dtype]]:
-    """The slots of a dynamic model (from its ``lorapass.lora`` records) and its input dtypes by name."""
+def slots_of(model: str | os.PathLike) -> tuple[list[Slot], dict[str, np.dtype], list[str]]:
+    """The slots of a dynamic model (from its ``lorapass.lora`` records), its input dtypes by name, and the site
+    paths of its base (``lorapass.sites``; the slot paths for graphs written before that record existed)."""
     proto = onnx.load(str(model), load_external_data=False)
     meta = {p.key: p.value for p in proto.metadata_props}
     if METADATA_KEY not in meta:
         raise ModelError(f"{model}: not a lorapass dynamic graph (no {METADATA_KEY!r} metadata)")
     slots = [from_record(rec) for rec in json.loads(meta[METADATA_KEY])]
     dtypes = {v.name: np.dtype(_DTYPES.get(v.type.tensor_type.elem_type, np.float32)) for v in proto.graph.input}
-    return slots, dtypes
+    paths = json.loads(meta[SITES_KEY]) if SITES_KEY in meta else [slot.path for slot in slots]
+    return slots, dtypes, paths
 
 
-def adapter_parameters(adapter: Adapter, model: str | os.PathLike) -> dict[str, np.ndarray]:
-    """The adapter's values for the dynamic graph's slot inputs (each slot says how, and checks the shapes).
+def adapter_parameters(adapter, model: str | os.PathLike, component: str | None = None, strict: bool = False,
+                       unet_config: str | os.PathLike | None = None) -> dict[str, np.ndarray]:
+    """The adapters' values for the dynamic graph's slot inputs (each slot says how, and checks the shapes).
 
-    Uses the graph's own ``lorapass.lora`` records for which module paths have slots and each adapter module's
-    own rank and scale (for PEFT: rank_pattern / alpha_pattern / rslora as PEFT resolves them).
+    ``adapter`` is one adapter or several (Adapter, path or ``PATH:WEIGHT``); several on one slot become one blend
+    (ranks concatenated, each file's weight and scale folded in). Single files are bound to the base's site paths
+    first (``component``, ``strict``, ``unet_config`` as for rewrite). Uses the graph's own ``lorapass.lora``
+    records for which module paths have slots and each module's own rank and scale (for PEFT: rank_pattern /
+    alpha_pattern / rslora as PEFT resolves them). Slots whose defaults are another adapter's weights and that
+    these adapters leave out get zeros, so the file alone decides the run.
     """
-    slots, dtypes = slots_of(model)
+    from lorapass.formats.names import bind
+    from lorapass.formats.sgm import UnetLayout
+    from lorapass.kinds import Blend
+    from lorapass.onnx.rewrite import as_adapters
+
+    slots, dtypes, paths = slots_of(model)
+    layout = UnetLayout.from_config(unet_config) if unet_config is not None else None
+    adapters = [bind(a, paths, component, layout, strict) for a in as_adapters(adapter)]
     by_path = {slot.path: slot for slot in slots}
-    unknown = [m for m in adapter.modules if m not in by_path]
-    if unknown:
-        names = sorted(i.name for slot in slots for i in slot.inputs())
-        raise AdapterError(
-            f"{adapter.source}: {len(unknown)} adapter module(s) have no LoRA input in {model}: "
-            + ", ".join(f"{m!r} (expects inputs {m}.lora_A/.lora_B)" for m in unknown[:5])
-            + f"; the graph's LoRA inputs are e.g. {names[:4]}")
+    modules: dict[str, list] = {}
+    for a in adapters:
+        unknown = [m for m in a.modules if m not in by_path]
+        if unknown:
+            names = sorted(i.name for slot in slots for i in slot.inputs())
+            raise AdapterError(
+                f"{a.source}: {len(unknown)} adapter module(s) have no LoRA input in {model}: "
+                + ", ".join(f"{m!r} (expects inputs {m}.lora_A/.lora_B)" for m in unknown[:5])
+                + f"; the graph's LoRA inputs are e.g. {names[:4]}")
+        for path, kind in a.modules.items():
+            modules.setdefault(path, []).append(kind)
     params: dict[str, np.ndarray] = {}
-    for path, kind in adapter.modules.items():
-        for name, array in by_path[path].values(kind).items():
+    for path, slot in by_path.items():
+        kinds = modules.get(path)
+        if kinds is None and slot.record.get("default") != "adapter":
+            continue
+        kind = None if kinds is None else kinds[0] if len(kinds) == 1 else Blend(kinds)
+        for name, array in slot.values(kind).items():
             params[name] = np.ascontiguousarray(array, dtype=dtypes.get(name, np.float32))
     return params
 
 
-def export_adapter(adapter_dir: str | os.PathLike | Adapter, model: str | os.PathLike, output: str | os.PathLike) -> Path:
-    """Write ``output`` (.onnx_adapter) holding the adapter's weights for the dynamic graph ``model``."""
+def export_adapter(adapter_dir, model: str | os.PathLike, output: str | os.PathLike, component: str | None = None,
+                   strict: bool = False, unet_config: str | os.PathLike | None = None) -> Path:
+    """Write ``output`` (.onnx_adapter) holding the adapter's (or several adapters' blended) weights for the dynamic
+    graph ``model`` (see :func:`adapter_parameters`)."""
     import onnxruntime as ort
 
-    adapter = adapter_dir if isinstance(adapter_dir, Adapter) else load_adapter(adapter_dir)
-    params = adapter_parameters(adapter, model)
+    params = adapter_parameters(adapter_dir, model, component, strict, unet_config)
     fmt = ort.AdapterFormat()
     fmt.set_parameters({k: ort.OrtValue.ortvalue_from_numpy(v) for k, v in params.items()})
     output = Path(output)

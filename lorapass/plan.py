@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 from lorapass.adapter import Adapter
 from lorapass.errors import AdapterError, RuleError
-from lorapass.kinds import Kind
+from lorapass.kinds import Blend, Kind
 from lorapass.rules import LoraParams, LoraRule, RuleSet
 from lorapass.site import Site
 
@@ -39,7 +39,9 @@ def plan(sites: list[Site], rules: LoraRule | RuleSet, output_heads: list[str] =
     """
     ruleset = rules if isinstance(rules, RuleSet) else RuleSet(rules=[rules])
     paths = list(dict.fromkeys(s.path for s in sites))
-    selected = ruleset.select(paths, output_heads)
+    # "all-linear" means linear layers only (PEFT: nn.Linear / Conv1D), so convolutions are left out like the heads
+    not_linear = [s.path for s in sites if s.kind != "linear"]
+    selected = ruleset.select(paths, [*output_heads, *not_linear])
     targets = [Target(s, *selected[s.path]) for s in sites if s.path in selected]
     if adapter is None:
         return targets
@@ -75,3 +77,19 @@ def check_adapter(targets: list[Target], adapter: Adapter, paths: list[str]) -> 
             f"e.g. {missing[:3]}")
     for target in targets:
         adapter.modules[target.site.path].check(target.site)
+
+
+def blend(targets: list[Target]) -> list[Target]:
+    """One target per site: several adapters' modules on one site become one :class:`~lorapass.kinds.Blend`
+    (their weighted deltas summed as one low-rank update), for a dynamic slot or an adapter file."""
+    by_site: dict[tuple[str, str], list[Target]] = {}
+    for t in targets:
+        by_site.setdefault((t.site.path, t.site.node), []).append(t)
+    out = []
+    for group in by_site.values():
+        if len(group) == 1:
+            out.append(group[0])
+            continue
+        module = Blend([t.module for t in group])
+        out.append(Target(group[0].site, group[0].rule, LoraParams(r=module.r, alpha=module.alpha, scale=1.0), module))
+    return out

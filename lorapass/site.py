@@ -21,7 +21,8 @@ class Site:
     value after the bias (where a LoRA branch joins), ``source`` the naming strategy and ``dialect`` the
     exporter naming table that gave the path. ``storage`` is the frontend's view of the weight (read it as
     float32 in torch's layout, record edits); ``layout`` describes it (``in_out``/``out_in`` for a plain
-    linear, more for packed or quantized weights).
+    linear, more for packed or quantized weights). A convolution's ``in_features``/``out_features`` are its
+    channels and ``kernel`` its spatial kernel size (empty for a linear).
     """
 
     path: str
@@ -39,6 +40,7 @@ class Site:
     module_class: str | None = None
     kind: SiteKind = "linear"
     dialect: str = ""
+    kernel: tuple[int, ...] = ()
     storage: Any = field(default=None, compare=False, repr=False)
 
     @property

@@ -15,11 +15,11 @@ from collections import defaultdict
 
 import onnx_ir as ir
 
-from lorapass.onnx.slots import METADATA_KEY, Branch, LinearSlot, Slot
+from lorapass.onnx.slots import METADATA_KEY, Branch, ConvSlot, LinearSlot, Slot
 from lorapass.plan import Target
 from lorapass.site import Site
 
-SLOT_TYPES: dict[str, type] = {"linear": LinearSlot}
+SLOT_TYPES: dict[str, type] = {"linear": LinearSlot, "conv": ConvSlot}
 """Site kind -> the slot type a dynamic rewrite gives it."""
 
 
@@ -41,6 +41,7 @@ class _Graph:
         path = target.site.path
         if path not in self.slots:
             slot = slot_for(target)
+            slot.record["default"] = "zeros" if target.module is None else "adapter"
             dtype = ir.DataType[target.site.dtype.upper()]
             defaults = slot.values(target.module)
             inputs = {}

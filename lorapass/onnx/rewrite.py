@@ -2,18 +2,20 @@
 
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
 from lorapass.adapter import Adapter, load_adapter
-from lorapass.errors import RuleError, UnsupportedError
+from lorapass.errors import RuleError
 from lorapass.onnx.load import load_model
 from lorapass.onnx.merge import merge
 from lorapass.onnx.save import SaveStats, save_model
 from lorapass.onnx.sites import SiteReport, find_sites
-from lorapass.plan import Target, plan
+from lorapass.onnx.slots import SITES_KEY
+from lorapass.plan import Target, blend, plan
 from lorapass.rules import LoraRule, RuleSet
 
 Strategy = Literal["merge", "dynamic"]
@@ -28,6 +30,7 @@ class RewriteResult:
     report: SiteReport
     targets: list[Target]
     stats: SaveStats = field(default_factory=SaveStats)
+    adapters: list[Adapter] = field(default_factory=list)  # as applied (single files bound: see .binding)
 
 
 def as_adapters(adapter, allow_pickle: bool = False) -> list[Adapter]:
@@ -73,29 +76,50 @@ def strategy_of(rules: LoraRule | RuleSet, strategy: Strategy | None) -> Strateg
     return found.pop()
 
 
+def find_and_bind(graph, adapters: list[Adapter], prefix: str | None = None, component: str | None = None,
+                  strict: bool = False, unet_config: str | os.PathLike | None = None) -> tuple[SiteReport, list[Adapter]]:
+    """The graph's sites (wrapper prefix chosen to fit the adapters' module names) and the adapters with single
+    files bound to those sites (:func:`lorapass.formats.names.bind`; ``component`` / ``strict`` / a diffusers UNet
+    ``config.json`` for SGM names as there)."""
+    from lorapass.formats.names import bind
+    from lorapass.formats.sgm import UnetLayout
+
+    def spell(paths: list[str]) -> set[str]:
+        return set().union(*(a.spelled(paths) for a in adapters))
+
+    report = find_sites(graph, prefix=prefix, wanted=[m for a in adapters for m in a.modules], spell=spell)
+    layout = UnetLayout.from_config(unet_config) if unet_config is not None else None
+    paths = [s.path for s in report.sites]
+    return report, [bind(a, paths, component, layout, strict) for a in adapters]
+
+
 def rewrite(model: str | os.PathLike, output: str | os.PathLike, adapter=None,
             rules: str | os.PathLike | LoraRule | RuleSet | None = None, strategy: Strategy | None = None,
-            prefix: str | None = None, allow_pickle: bool = False, progress: bool | None = None) -> RewriteResult:
+            prefix: str | None = None, allow_pickle: bool = False, progress: bool | None = None,
+            component: str | None = None, strict: bool = False,
+            unet_config: str | os.PathLike | None = None) -> RewriteResult:
     """Apply LoRA to the ONNX file ``model`` and write ``output``; the input is never modified.
 
     ``adapter`` is one adapter or a list (an Adapter, a path, or ``PATH:WEIGHT``); several adapters merge as the
-    sum of their weighted deltas. ``rules`` select the targets (default: each adapter's own config).
+    sum of their weighted deltas, and share one dynamic slot per site as one blend (ranks concatenated). ``rules``
+    select the targets (default: each adapter's own config). Single-file adapters (kohya, LyCORIS, diffusers) are
+    bound to the graph's sites first (``component``, ``strict``, ``unet_config``: see :func:`find_and_bind`).
     """
     adapters = as_adapters(adapter, allow_pickle)
+    graph = load_model(model)
+    report, adapters = find_and_bind(graph, adapters, prefix, component, strict, unet_config)
     rule_sets = [_rules(rules, a) for a in adapters] or [_rules(rules, None)]
     strategy = strategy_of(rule_sets[0], strategy)
     if strategy == "merge" and not adapters:
         raise RuleError("strategy merge needs an adapter's weights (--adapter)")
-    if strategy == "dynamic" and len(adapters) > 1:
-        raise UnsupportedError("strategy dynamic takes one adapter (export the others with export-adapter and swap them)")
-    graph = load_model(model)
-    report = find_sites(graph, prefix=prefix, wanted=[m for a in adapters for m in a.modules])
     targets = [t for a, r in zip(adapters or [None], rule_sets) for t in plan(report.sites, r, report.output_heads, a)]
     if strategy == "merge":
         merge(graph, targets)
     else:
         from lorapass.onnx.dynamic import insert_lora
 
+        targets = blend(targets)
         insert_lora(graph, targets)
+        graph.metadata_props[SITES_KEY] = json.dumps(list(dict.fromkeys(s.path for s in report.sites)))
     stats = save_model(graph, model, output, progress=progress)
-    return RewriteResult(Path(output), strategy, report, targets, stats)
+    return RewriteResult(Path(output), strategy, report, targets, stats, adapters)

@@ -8,10 +8,13 @@ from typing import ClassVar
 
 import numpy as np
 
+from lorapass.errors import ShapeMismatchError
 from lorapass.kinds import Kind
 
 METADATA_KEY = "lorapass.lora"
 """Model metadata: JSON list with one record per slot ({slot, path, inputs, in, out, r, alpha, scale, ...})."""
+SITES_KEY = "lorapass.sites"
+"""Model metadata of a dynamic graph: JSON list of every site path of its base (to bind single files later)."""
 
 
 @dataclass(frozen=True)
@@ -42,6 +45,18 @@ class Slot(ABC):
     @abstractmethod
     def values(self, module: Kind | None) -> dict[str, np.ndarray]:
         """Input name -> float32 value for an adapter module (zeros for None: the graph equals the base)."""
+
+    def checked(self, module: Kind, values: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """``values`` (input name -> array for ``module``), after checking them against the inputs' fixed dims."""
+        for slot_input in self.inputs():
+            array = values[slot_input.name]
+            fixed = [(i, d) for i, d in enumerate(slot_input.dims) if isinstance(d, int)]
+            if array.ndim != len(slot_input.dims) or any(array.shape[i] != d for i, d in fixed):
+                key = module.keys().get(slot_input.role) or module.key()
+                raise ShapeMismatchError(
+                    f"{module.source}: {key} gives {slot_input.name} shape {list(array.shape)}, "
+                    f"the graph input {slot_input.name!r} is {list(slot_input.dims)}")
+        return values
 
     @abstractmethod
     def branch(self, b: Branch, x, inputs: dict) -> object:

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import numpy as np
 
-from lorapass.errors import ShapeMismatchError
 from lorapass.kinds import Kind
 from lorapass.onnx.slots.base import Branch, Slot, SlotInput, register
 
@@ -40,15 +39,7 @@ class LinearSlot(Slot):
             r = rec["r"]
             return {rec["lora_A"]: np.zeros((rec["in"], r), np.float32), rec["lora_B"]: np.zeros((r, rec["out"]), np.float32)}
         up, down = module.low_rank()
-        out = {rec["lora_A"]: np.ascontiguousarray(down.T), rec["lora_B"]: np.ascontiguousarray(up.T)}
-        for slot_input in self.inputs():
-            array = out[slot_input.name]
-            fixed = [(i, d) for i, d in enumerate(slot_input.dims) if isinstance(d, int)]
-            if array.ndim != len(slot_input.dims) or any(array.shape[i] != d for i, d in fixed):
-                raise ShapeMismatchError(
-                    f"{module.source}: {module.key(slot_input.role)} gives {slot_input.name} shape {list(array.shape)}, "
-                    f"the graph input {slot_input.name!r} is {list(slot_input.dims)}")
-        return out
+        return self.checked(module, {rec["lora_A"]: np.ascontiguousarray(down.T), rec["lora_B"]: np.ascontiguousarray(up.T)})
 
     def branch(self, b: Branch, x, inputs: dict) -> object:
         down = b.op("MatMul", [x, inputs["lora_A"]], f"{self.path}/lora_A/MatMul")

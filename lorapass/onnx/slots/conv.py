@@ -1,0 +1,58 @@
+"""The convolution slot: ``y' = y + Conv1x1(Conv(x, p.lora_A; the base's strides/pads/dilations), p.lora_B)``.
+
+``p.lora_A`` is a kernel [p.r, in, kh, kw] (PEFT's / kohya's LoCon down kernel, any kernel-shaped kind's low-rank
+down factor), ``p.lora_B`` a 1x1 kernel [out, p.r, 1, 1] with the scale folded in (ONNX Runtime adapter files carry
+no alpha); ``p.r`` is symbolic, so files of any rank (LoHa's r1·r2, LoKr's, blends) hot-swap. The A convolution
+repeats the base's geometry, so the branch's output lines up with the base's (as kohya's LoCon computes it).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from lorapass.kinds import Kind
+from lorapass.onnx.slots.base import Branch, Slot, SlotInput, register
+from lorapass.onnx.slots.linear import input_names
+
+_GEOMETRY = ("strides", "pads", "dilations")
+
+
+@register
+class ConvSlot(Slot):
+    type = "conv"
+
+    @classmethod
+    def for_target(cls, target) -> ConvSlot:
+        site, params = target.site, target.params
+        node = site.storage.node
+        geometry = {name: list(node.attributes[name].as_ints()) for name in _GEOMETRY if name in node.attributes}
+        if "auto_pad" in node.attributes and node.attributes["auto_pad"].as_string() not in ("", "NOTSET"):
+            geometry["auto_pad"] = node.attributes["auto_pad"].as_string()
+        a, b = input_names(site.path)
+        return cls({"slot": cls.type, "path": site.path, "lora_A": a, "lora_B": b, "in": site.in_features,
+                    "out": site.out_features, "kernel": list(site.kernel), "geometry": geometry, "r": params.r,
+                    "alpha": params.alpha, "scale": params.scale})
+
+    def inputs(self) -> list[SlotInput]:
+        rank, rec = f"{self.path}.r", self.record
+        ones = [1] * len(rec["kernel"])
+        return [SlotInput(rec["lora_A"], (rank, rec["in"], *rec["kernel"]), "lora_A"),
+                SlotInput(rec["lora_B"], (rec["out"], rank, *ones), "lora_B")]
+
+    def values(self, module: Kind | None) -> dict[str, np.ndarray]:
+        rec = self.record
+        ones = [1] * len(rec["kernel"])
+        if module is None:
+            r = rec["r"]
+            return {rec["lora_A"]: np.zeros((r, rec["in"], *rec["kernel"]), np.float32),
+                    rec["lora_B"]: np.zeros((rec["out"], r, *ones), np.float32)}
+        up, down = module.low_rank()
+        r = down.shape[0]
+        if down.shape[1] != rec["in"] * int(np.prod(rec["kernel"], dtype=int)):
+            return self.checked(module, {rec["lora_A"]: down, rec["lora_B"]: up})  # names the misfit
+        return self.checked(module, {rec["lora_A"]: np.ascontiguousarray(down.reshape(r, rec["in"], *rec["kernel"])),
+                                     rec["lora_B"]: np.ascontiguousarray(up.reshape(rec["out"], r, *ones))})
+
+    def branch(self, b: Branch, x, inputs: dict) -> object:
+        down = b.op("Conv", [x, inputs["lora_A"]], f"{self.path}/lora_A/Conv", self.record["geometry"])
+        return b.op("Conv", [down, inputs["lora_B"]], f"{self.path}/lora_B/Conv")
