@@ -67,7 +67,7 @@ def _cmd_rewrite(args: argparse.Namespace) -> int:
         "output": str(result.output),
         "strategy": result.strategy,
         "sites": len(result.report.sites),
-        "targets": len(result.targets),
+        "targets": len({t.site.path for t in result.targets}),
         "prefix": result.report.prefix,
         "bytes_written": result.stats.bytes_written,
         "adapters": [a.binding.to_dict() for a in result.adapters if a.binding is not None],
@@ -92,9 +92,11 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
 
 
 def _cmd_export_adapter(args: argparse.Namespace) -> int:
-    from lorapass.ort_adapter import export_adapter
+    from lorapass.ort_adapter import bind_to, export_adapter
 
-    out = export_adapter(args.adapter, args.model, args.output, **_binding(args))
+    adapters = bind_to(args.adapter, args.model, **_binding(args))
+    _report_keys(adapters)
+    out = export_adapter(adapters, args.model, args.output)
     print(f"wrote {out}")
     return 0
 

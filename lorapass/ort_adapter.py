@@ -30,6 +30,19 @@ def slots_of(model: str | os.PathLike) -> tuple[list[Slot], dict[str, np.dtype],
     return slots, dtypes, paths
 
 
+def bind_to(adapter, model: str | os.PathLike, component: str | None = None, strict: bool = False,
+            unet_config: str | os.PathLike | None = None) -> list:
+    """``adapter`` (one or several: Adapter, path or ``PATH:WEIGHT``) loaded, single files bound to the site paths
+    of the dynamic graph ``model``'s base (see :func:`lorapass.formats.names.bind`)."""
+    from lorapass.formats.names import bind
+    from lorapass.formats.sgm import UnetLayout
+    from lorapass.onnx.rewrite import as_adapters
+
+    _, _, paths = slots_of(model)
+    layout = UnetLayout.from_config(unet_config) if unet_config is not None else None
+    return [bind(a, paths, component, layout, strict) for a in as_adapters(adapter)]
+
+
 def adapter_parameters(adapter, model: str | os.PathLike, component: str | None = None, strict: bool = False,
                        unet_config: str | os.PathLike | None = None) -> dict[str, np.ndarray]:
     """The adapters' values for the dynamic graph's slot inputs (each slot says how, and checks the shapes).
@@ -41,14 +54,10 @@ def adapter_parameters(adapter, model: str | os.PathLike, component: str | None 
     alpha_pattern / rslora as PEFT resolves them). Slots whose defaults are another adapter's weights and that
     these adapters leave out get zeros, so the file alone decides the run.
     """
-    from lorapass.formats.names import bind
-    from lorapass.formats.sgm import UnetLayout
     from lorapass.kinds import Blend
-    from lorapass.onnx.rewrite import as_adapters
 
-    slots, dtypes, paths = slots_of(model)
-    layout = UnetLayout.from_config(unet_config) if unet_config is not None else None
-    adapters = [bind(a, paths, component, layout, strict) for a in as_adapters(adapter)]
+    slots, dtypes, _ = slots_of(model)
+    adapters = bind_to(adapter, model, component, strict, unet_config)
     by_path = {slot.path: slot for slot in slots}
     modules: dict[str, list] = {}
     for a in adapters:

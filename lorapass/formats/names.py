@@ -149,12 +149,19 @@ def bind(adapter: Adapter, paths: list[str], component: str | None = None, unet_
     whose modules already are site paths (a PEFT directory) is returned as it is."""
     from lorapass.adapter import Adapter
 
+    from lorapass.onnx.sites import guess_prefix, strip_prefix
+
     namespace = adapter.namespace
     if namespace is None:
         return adapter
     paths = list(dict.fromkeys(paths))
+    # site paths that still carry a wrapper scope (a graph whose sites were named without this file) are matched
+    # without it, and bound to the full path
+    prefix = guess_prefix(paths, list(adapter.modules), namespace.all_spelled)
+    full = {strip_prefix(p, prefix): p for p in paths if not prefix or p.startswith(prefix + ".")}
     groups = namespace.components()
-    spelled = {c: namespace.spelled(c, paths, unet_layout) for c in groups}
+    spelled = {c: {name: {full[p] for p in hit} for name, hit in namespace.spelled(c, list(full), unet_layout).items()}
+               for c in groups}
     chosen = _choose(adapter, groups, spelled, component)
     names = spelled[chosen]
     report = KeyReport(adapter.source, adapter.format, chosen,

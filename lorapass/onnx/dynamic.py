@@ -35,6 +35,12 @@ class _Graph:
         self.model, self.graph = model, model.graph
         self.values = {v.name: v for n in self.graph for v in n.outputs} | {v.name: v for v in self.graph.inputs}
         self.slots: dict[str, tuple[Slot, dict[str, ir.Value]]] = {}
+        self.joined: dict[str, ir.Value] = {}  # a site output's name -> the value with its branch added
+
+    def current(self, name: str) -> ir.Value:
+        """The value named ``name`` as the rewritten graph computes it: a targeted site's output with its branch
+        added (a site may read another site's output directly, e.g. a resnet's shortcut conv after an upsampler)."""
+        return self.joined.get(name, self.values[name])
 
     def slot(self, target: Target) -> tuple[Slot, dict[str, ir.Value]]:
         """The slot of a module path and its graph inputs (role -> value), made once per path."""
@@ -70,6 +76,7 @@ class _Graph:
         for node, index in list(y.uses()):
             if node is not add:
                 node.replace_input_with(index, joined)
+        self.joined[site.output] = joined
 
     def insert(self, b: Branch, site: Site) -> None:
         """Place the branch's nodes right after the node producing the site's output."""
@@ -83,7 +90,7 @@ def insert_lora(model: ir.Model, targets: list[Target]) -> int:
     for target in targets:
         groups[(target.site.input, target.site.dtype)].append(target)
     for (x_name, _), group in groups.items():
-        x = g.values[x_name]
+        x = g.current(x_name)
         fusable = [t for t in group if t.rule.fuse_shared_inputs and t.site.kind == "linear"]
         if len({t.site.path for t in fusable}) >= 2:
             _fused(g, x, fusable)
