@@ -68,14 +68,15 @@ class UnetLayout:
         return cls(blocks["down"], blocks["up"], mid_attention)
 
     @classmethod
-    def from_config(cls, file: str | Path) -> UnetLayout:
-        """The layout a diffusers UNet ``config.json`` declares."""
+    def from_config(cls, config: str | Path | dict) -> UnetLayout:
+        """The layout a diffusers UNet config declares (a ``config.json`` file, or its contents)."""
         try:
-            config = json.loads(Path(file).read_text(encoding="utf-8"))
+            if not isinstance(config, dict):
+                config = json.loads(Path(config).read_text(encoding="utf-8"))
             down_types, up_types = list(config["down_block_types"]), list(config["up_block_types"])
             layers = config.get("layers_per_block", 2)
         except (OSError, ValueError, KeyError, TypeError) as exc:
-            raise AdapterError(f"{file}: not a readable diffusers UNet config.json ({exc})") from exc
+            raise AdapterError(f"{config}: not a readable diffusers UNet config.json ({exc})") from exc
         per_block = [layers] * len(down_types) if isinstance(layers, int) else list(layers)
         last = len(down_types) - 1
         down = tuple(Block(n, "Attn" in t, i < last) for i, (t, n) in enumerate(zip(down_types, per_block)))
