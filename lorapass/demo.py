@@ -131,15 +131,17 @@ def run_unet(unet, feeds: dict[str, np.ndarray]) -> np.ndarray:
         return _unet_step(unet)(*_torch_feeds(feeds, dtype)).float().numpy()
 
 
-def export_unet(unet, feeds: dict[str, np.ndarray], path: Path, dynamo: bool = False) -> Path:
-    """``unet`` as one ONNX graph (TorchScript or dynamo exporter, in the UNet's own dtype), inputs named as feeds."""
+def export_unet(unet, feeds: dict[str, np.ndarray], path: Path, dynamo: bool = False,
+                dynamic_axes: dict | None = None) -> Path:
+    """``unet`` as one ONNX graph (TorchScript or dynamo exporter, in the UNet's own dtype), inputs named as feeds;
+    ``dynamic_axes`` (TorchScript's) leaves e.g. the latent size free."""
     import torch
 
     dtype = next(unet.parameters()).dtype
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         torch.onnx.export(_unet_step(unet), _torch_feeds(feeds, dtype), str(path), dynamo=dynamo, verbose=False,
-                          input_names=list(feeds), output_names=["noise"])
+                          input_names=list(feeds), output_names=["noise"], dynamic_axes=dynamic_axes)
     return path
 
 

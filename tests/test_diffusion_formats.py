@@ -113,7 +113,7 @@ def test_locon_cp_form_is_lycoris_rebuild_tucker(tmp_path):
 
 @pytest.mark.parametrize("key,error,words", [
     ("lora_unet_proj.dora_scale", UnsupportedError, "DoRA"),
-    ("lora_unet_proj.diff", UnsupportedError, "full-weight"),
+    ("lora_unet_proj.diff", UnsupportedError, "full-weight differences"),
     ("lora_unet_proj.hada_w1_a", AdapterError, "mixes"),
 ])
 def test_kohya_refusals_name_the_key(tmp_path, key, error, words):
@@ -238,3 +238,15 @@ def test_component_errors_name_the_components(tiny, tmp_path, capsys):
             "-o", str(tmp_path / "out.onnx")]
     assert main(args + ["--component", "unet"]) == 2
     assert "holds no unet modules; it holds text_encoder (1 modules)" in capsys.readouterr().err
+
+
+def test_component_prefixes_bind_to_their_model(tmp_path):
+    """diffusers' ``transformer.`` prefix and LyCORIS's one-model ``lycoris_`` prefix bind like the others."""
+    save_file({"transformer.proj.lora_A.weight": torch.ones(2, 16), "transformer.proj.lora_B.weight": torch.ones(24, 2)},
+              str(tmp_path / "t.safetensors"))
+    save_file({"lycoris_point.lora_down.weight": torch.ones(2, 12, 1, 1), "lycoris_point.lora_up.weight": torch.ones(16, 2, 1, 1)},
+              str(tmp_path / "l.safetensors"))
+    t = bind(load_adapter(tmp_path / "t.safetensors"), ["conv", "point", "proj"], component="transformer")
+    assert (t.binding.component, list(t.modules), t.modules["proj"].scale) == ("transformer", ["proj"], 1.0)
+    l = bind(load_adapter(tmp_path / "l.safetensors"), ["conv", "point", "proj"], component="unet")
+    assert (l.binding.component, list(l.modules), l.modules["point"].scale) == (None, ["point"], 1.0)

@@ -33,7 +33,8 @@ _ROLE = re.compile(r"^(?P<module>.+?)(?:\.lora_(?P<ab>[AB])|\.lora\.(?P<du>down|
 _PROCESSOR = {"unet": {"to_q": "to_q", "to_k": "to_k", "to_v": "to_v", "to_out": "to_out.0"},
               "text": {"to_q": "q_proj", "to_k": "k_proj", "to_v": "v_proj", "to_out": "out_proj"}}
 _REFUSED = {"lora_magnitude_vector": "DoRA", "dora_scale": "DoRA", "lora_B.bias": "lora_bias (a bias on LoRA B)",
-            ".lokr_": "LoKr in diffusers' own key layout", ".hada_": "LoHa in diffusers' own key layout"}
+            ".lokr_": "LoKr in diffusers' key layout (LyCORIS LoKr files are read)",
+            ".hada_": "LoHa in diffusers' key layout (LyCORIS LoHa files are read)"}
 _ROLE_NAMES = {"A": "lora_A", "B": "lora_B", "down": "lora_A", "up": "lora_B"}
 
 
@@ -105,8 +106,7 @@ def read(path: Path) -> Adapter:
     for key in file.keys():
         refused = next((why for part, why in _REFUSED.items() if part in key), None)
         if refused:
-            raise UnsupportedError(f"{path}: tensor {key!r} belongs to {refused}, which lorapass does not implement "
-                                   "for diffusers files")
+            raise UnsupportedError(f"{path}: tensor {key!r}: lorapass does not implement {refused}")
         parsed = parse(key)
         if parsed is None:
             raise UnsupportedError(f"{path}: tensor {key!r} is not a LoRA A/B weight or alpha")

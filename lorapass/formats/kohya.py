@@ -1,6 +1,7 @@
 """kohya-ss sd-scripts and LyCORIS files: ``<prefix>_<module path with dots as underscores>.<tensor>``.
 
-Prefixes ``lora_unet_`` (UNet), ``lora_te_`` / ``lora_te1_`` (first text encoder), ``lora_te2_`` (SDXL's second).
+Prefixes ``lora_unet_`` (UNet), ``lora_te_`` / ``lora_te1_`` (first text encoder), ``lora_te2_`` (SDXL's second),
+``lycoris_`` (LyCORIS's standalone wrapper: one model).
 The tensors of one module say its kind, and its scale is computed as the reference tools do:
 
 - LoRA / LoCon (``networks/lora.py``): ``lora_down.weight`` [r, in] or [r, in, kh, kw], ``lora_up.weight``
@@ -26,17 +27,18 @@ from lorapass.formats.tensors import TensorFile, TensorRef
 from lorapass.kinds import Kind, Loha, Lokr, Lora, LoraCP
 from lorapass.rules import LoraRule
 
-PREFIXES = {"lora_unet_": "unet", "lora_te1_": "text_encoder", "lora_te2_": "text_encoder_2", "lora_te_": "text_encoder"}
+PREFIXES = {"lora_unet_": "unet", "lora_te1_": "text_encoder", "lora_te2_": "text_encoder_2", "lora_te_": "text_encoder",
+            "lycoris_": None}  # LyCORIS's own wrapper: one model, whichever it was trained on
 _LORA = {"lora_down.weight", "lora_up.weight", "lora_mid.weight"}
 _LOHA = {"hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "hada_t1", "hada_t2"}
 _LOKR = {"lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b", "lokr_t2"}
 _REFUSED = {
-    "dora_scale": "DoRA (weight-decomposed) modules: the LyCORIS and ComfyUI conventions for dora_scale differ and "
-                  "no reference library loads them for SD; merge them with the tool that trained them",
-    "diff": "a LyCORIS full-weight difference", "diff_b": "a LyCORIS full bias difference",
-    "w_norm": "a LyCORIS norm-layer adapter", "b_norm": "a LyCORIS norm-layer adapter",
+    "dora_scale": "DoRA (weight-decomposed) modules (LyCORIS and ComfyUI read dora_scale differently and no reference "
+                  "library loads them for SD; diffusers drops the key): merge with the tool that trained the file",
+    "diff": "LyCORIS full-weight differences", "diff_b": "LyCORIS full bias differences",
+    "w_norm": "LyCORIS norm-layer adapters", "b_norm": "LyCORIS norm-layer adapters",
     "oft_blocks": "LyCORIS OFT/BOFT", "oft_diag": "LyCORIS OFT", "rescale": "LyCORIS OFT/BOFT", "weight": "LyCORIS IA3",
-    "on_input": "LyCORIS IA3", "lora_up.bias": "a LoRA with a bias", "lokr_t1": "a LoKr Tucker factor on w1",
+    "on_input": "LyCORIS IA3", "lora_up.bias": "LoRA biases", "lokr_t1": "LoKr Tucker factors on w1",
 }
 
 
@@ -121,12 +123,12 @@ def read(path: Path) -> Adapter:
     for key in file.keys():
         module, _, role = key.partition(".")
         if role in _REFUSED:
-            raise UnsupportedError(f"{path}: tensor {key!r} belongs to {_REFUSED[role]}, which lorapass does not implement")
+            raise UnsupportedError(f"{path}: tensor {key!r}: lorapass does not implement {_REFUSED[role]}")
         if role != "alpha" and role not in _LORA | _LOHA | _LOKR:
             raise UnsupportedError(f"{path}: tensor {key!r} is not a kohya/LyCORIS LoRA, LoHa or LoKr tensor")
         modules.setdefault(module, {})[role] = key
     kinds = {name: _kind(file, name, roles) for name, roles in sorted(modules.items())}
-    spellings = {name: Spelling(PREFIXES[p], p, True) for name in kinds if (p := _prefix(name))}
+    spellings = {name: Spelling(PREFIXES[p], p, True) for name in kinds if (p := _prefix(name)) is not None}
     rule = LoraRule(name=path.stem, target_modules=sorted(kinds))
     return Adapter(path, rule, kinds, format=_format(kinds), files=[path], namespace=Namespace(spellings))
 

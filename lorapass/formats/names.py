@@ -68,7 +68,7 @@ class Namespace:
         names = [n for n, s in self.spellings.items() if s.component == component]
         rooted = any(p.startswith(TEXT_ROOT) for p in paths)
         variants: list[tuple[str, str]] = [(p, p) for p in paths]
-        if component in ("text_encoder", "text_encoder_2") and not rooted:
+        if component in ("text_encoder", "text_encoder_2", None) and not rooted:
             variants += [(TEXT_ROOT + p, p) for p in paths]
         if component in ("unet", None) and any(s.underscored for s in spellings) and self.sgm(names):
             layout = layout or UnetLayout.from_paths(paths)
@@ -99,7 +99,7 @@ class KeyReport:
 
     def to_dict(self) -> dict:
         return {"source": str(self.source), "format": self.format, "component": self.component,
-                "matched": len(self.matched), "unmatched": self.unmatched, "other_components": self.other_components}
+                "matched": self.matched, "unmatched": self.unmatched, "other_components": self.other_components}
 
     def summary(self) -> str:
         text = (f"{self.source}: {self.format}, component {self.component or '(single model)'}: "

@@ -87,25 +87,18 @@ class UnetLayout:
     def _scopes(self) -> dict[str, str]:
         """diffusers block scope (``down_blocks.1.attentions.0``) -> SGM scope (``input_blocks.4.1``)."""
         out = {}
-        n = 1
-        for i, block in enumerate(self.down):
-            for j in range(block.resnets):
-                out[f"down_blocks.{i}.resnets.{j}"] = f"input_blocks.{n}.0"
-                if block.attentions:
-                    out[f"down_blocks.{i}.attentions.{j}"] = f"input_blocks.{n}.1"
-                n += 1
-            if block.sampler:
-                out[f"down_blocks.{i}.downsamplers.0"] = f"input_blocks.{n}.0"
-                n += 1
-        n = 0
-        for i, block in enumerate(self.up):
-            for j in range(block.resnets):
-                out[f"up_blocks.{i}.resnets.{j}"] = f"output_blocks.{n}.0"
-                if block.attentions:
-                    out[f"up_blocks.{i}.attentions.{j}"] = f"output_blocks.{n}.1"
-                n += 1
-            if block.sampler:
-                out[f"up_blocks.{i}.upsamplers.0"] = f"output_blocks.{n - 1}.{2 if block.attentions else 1}"
+        for side, sgm, n in (("down", "input_blocks", 1), ("up", "output_blocks", 0)):
+            for i, block in enumerate(getattr(self, side)):
+                for j in range(block.resnets):
+                    out[f"{side}_blocks.{i}.resnets.{j}"] = f"{sgm}.{n}.0"
+                    if block.attentions:
+                        out[f"{side}_blocks.{i}.attentions.{j}"] = f"{sgm}.{n}.1"
+                    n += 1
+                if block.sampler and side == "down":  # a downsampler is an input block of its own
+                    out[f"down_blocks.{i}.downsamplers.0"] = f"input_blocks.{n}.0"
+                    n += 1
+                elif block.sampler:  # an upsampler joins its block's last output block
+                    out[f"up_blocks.{i}.upsamplers.0"] = f"output_blocks.{n - 1}.{2 if block.attentions else 1}"
         return out
 
     def sgm(self, path: str) -> str | None:

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Literal
 
 from lorapass.adapter import Adapter, load_adapter
-from lorapass.errors import RuleError
+from lorapass.errors import RuleError, UnsupportedError
 from lorapass.onnx.load import load_model
 from lorapass.onnx.merge import merge
 from lorapass.onnx.save import SaveStats, save_model
@@ -54,6 +54,10 @@ def resolve_inputs(adapter, rules: str | os.PathLike | LoraRule | RuleSet | None
     adapters = as_adapters(adapter, allow_pickle)
     if len(adapters) > 1:
         raise RuleError("this command takes one adapter")
+    if adapters and adapters[0].namespace is not None:
+        raise UnsupportedError(f"{adapters[0].source}: a {adapters[0].format} file names modules its own way and is "
+                               "bound to an ONNX graph's sites by `lorapass rewrite` / `inspect` / `export-adapter`; "
+                               "this command takes a PEFT adapter directory")
     return (adapters[0] if adapters else None), _rules(rules, adapters[0] if adapters else None)
 
 

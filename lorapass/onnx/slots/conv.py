@@ -11,27 +11,23 @@ from __future__ import annotations
 import numpy as np
 
 from lorapass.kinds import Kind
-from lorapass.onnx.slots.base import Branch, Slot, SlotInput, register
-from lorapass.onnx.slots.linear import input_names
+from lorapass.onnx.slots.base import Branch, SlotInput, register
+from lorapass.onnx.slots.linear import LinearSlot
 
 _GEOMETRY = ("strides", "pads", "dilations")
 
 
 @register
-class ConvSlot(Slot):
+class ConvSlot(LinearSlot):
     type = "conv"
 
     @classmethod
     def for_target(cls, target) -> ConvSlot:
-        site, params = target.site, target.params
-        node = site.storage.node
+        node = target.site.storage.node
         geometry = {name: list(node.attributes[name].as_ints()) for name in _GEOMETRY if name in node.attributes}
         if "auto_pad" in node.attributes and node.attributes["auto_pad"].as_string() not in ("", "NOTSET"):
             geometry["auto_pad"] = node.attributes["auto_pad"].as_string()
-        a, b = input_names(site.path)
-        return cls({"slot": cls.type, "path": site.path, "lora_A": a, "lora_B": b, "in": site.in_features,
-                    "out": site.out_features, "kernel": list(site.kernel), "geometry": geometry, "r": params.r,
-                    "alpha": params.alpha, "scale": params.scale})
+        return cls(cls.record_of(target) | {"kernel": list(target.site.kernel), "geometry": geometry})
 
     def inputs(self) -> list[SlotInput]:
         rank, rec = f"{self.path}.r", self.record

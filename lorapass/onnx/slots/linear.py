@@ -23,10 +23,15 @@ class LinearSlot(Slot):
 
     @classmethod
     def for_target(cls, target) -> LinearSlot:
+        return cls(cls.record_of(target))
+
+    @classmethod
+    def record_of(cls, target) -> dict:
+        """The ``lorapass.lora`` record of a target's slot: type, path, input names, features, r, alpha, scale."""
         site, params = target.site, target.params
         a, b = input_names(site.path)
-        return cls({"slot": cls.type, "path": site.path, "lora_A": a, "lora_B": b, "in": site.in_features,
-                    "out": site.out_features, "r": params.r, "alpha": params.alpha, "scale": params.scale})
+        return {"slot": cls.type, "path": site.path, "lora_A": a, "lora_B": b, "in": site.in_features,
+                "out": site.out_features, "r": params.r, "alpha": params.alpha, "scale": params.scale}
 
     def inputs(self) -> list[SlotInput]:
         rank = f"{self.path}.r"
