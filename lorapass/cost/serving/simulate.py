@@ -60,7 +60,7 @@ class Stats:
     busy_s: float = 0.0
     peak_kv_tokens: float = 0.0
     peak_kv_blocks_waste: float = 0.0  # tokens of KV pages left empty at the KV peak
-    peak_adapter_bytes: float = 0.0
+    peak_adapter_bytes: float = 0.0  # A and B of the adapters running requests use
     peak_running: int = 0
 
 
@@ -117,7 +117,6 @@ class Simulation:
         self.max_other = merge.max_other_waiting
         self.p = popularity
         self.pool = kv_tokens
-        self.bank = server.bank
         unified = server.bank == "grouped"  # adapters share the KV pool (S-LoRA's unified paging)
         self.adapter_tokens = (np.ceil(adapters.bytes / step.kv_bytes_per_token) if unified
                                else np.zeros(len(adapters)))
@@ -139,7 +138,6 @@ class Simulation:
         self.stats = Stats()
         self.thresholds: list[float] = []
         self._expected: dict[int, float] = {}
-        self.slot_bytes = (server.max_loras or 0) * adapters.gather_bytes(np.zeros(1), "padded", step.slot_rank)
 
     # ---- main loop ----
     def run(self) -> SimResult:
@@ -418,9 +416,8 @@ class Simulation:
             blk = self.server.kv_block_tokens
             st.peak_kv_tokens = used
             st.peak_kv_blocks_waste = float((-lens % blk).sum())
-        resident = np.nonzero(self.pinned)[0]
-        adapter_bytes = self.slot_bytes if self.bank == "padded" else float(self.ad.bytes[resident].sum())
-        st.peak_adapter_bytes = max(st.peak_adapter_bytes, adapter_bytes)
+        used = float(self.ad.bytes[np.flatnonzero(self.pinned)].sum())
+        st.peak_adapter_bytes = max(st.peak_adapter_bytes, used)
 
     def _remove(self, slots: np.ndarray) -> None:
         keep = np.ones(self.n_run, dtype=bool)

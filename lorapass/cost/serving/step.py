@@ -230,15 +230,22 @@ class StepModel:
             return self._single[key]
         return self._lora_time(adapters, tokens, bank)
 
-    def _lora_time(self, adapters: np.ndarray, tokens: np.ndarray, bank: str | None) -> float:
+    def lora_features(self, adapters: np.ndarray, tokens: np.ndarray, bank: str | None = None) -> np.ndarray:
+        """[T_o, rho_o, sum_a t_a rho_a,o] of every (unique) LoRA operator for this batch composition."""
         t = np.asarray(tokens, dtype=float)
         if (bank or self.bank) == "padded":
             total = t.sum()
-            tok, rows, tr = np.full_like(self._pad, total), len(adapters) * self._pad, total * self._pad
-        else:
-            rho = self._rho[np.asarray(adapters, dtype=int)]
-            tok, rows, tr = t @ (rho > 0), rho.sum(axis=0), t @ rho
-        x = np.stack([tok, rows, tr])  # [3, ops]
+            return np.stack([np.full_like(self._pad, total), len(adapters) * self._pad, total * self._pad])
+        rho = self._rho[np.asarray(adapters, dtype=int)]
+        return np.stack([t @ (rho > 0), rho.sum(axis=0), t @ rho])
+
+    def lora_bytes(self, adapters: np.ndarray, tokens: np.ndarray, bank: str | None = None) -> float:
+        """Bytes the LoRA operators of one step move per device (weights gathered + activations)."""
+        x = self.lora_features(adapters, tokens, bank)
+        return float((x * self._lora.bytes).sum(axis=0) @ self._lora.count)
+
+    def _lora_time(self, adapters: np.ndarray, tokens: np.ndarray, bank: str | None) -> float:
+        x = self.lora_features(adapters, tokens, bank)
         flops = (x * self._lora.flops).sum(axis=0)
         nbytes = (x * self._lora.bytes).sum(axis=0)
         t_op = np.maximum(flops / self.peak, nbytes / self.bw) + self._lora.launches * self.overhead
