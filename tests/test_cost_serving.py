@@ -279,12 +279,14 @@ def test_trace_file(tmp_path, llama):
         serving_setup.build(llama, A10G, wf)
 
 
-def test_real_peft_adapter_dirs(tmp_path, llama):
-    from peft import LoraConfig
-
-    LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"]).save_pretrained(tmp_path / "small")
-    LoraConfig(r=32, lora_alpha=16, target_modules="all-linear", rank_pattern={"down_proj": 4}).save_pretrained(
-        tmp_path / "wide")
+def test_adapter_dirs(tmp_path, llama):
+    """Adapter directories: their adapter_config.json (PEFT's keys) sets ranks, rank_pattern and targets."""
+    configs = {"small": {"peft_type": "LORA", "r": 8, "lora_alpha": 16, "target_modules": ["q_proj", "v_proj"]},
+               "wide": {"peft_type": "LORA", "r": 32, "lora_alpha": 16, "target_modules": "all-linear",
+                        "rank_pattern": {"down_proj": 4}}}
+    for name, config in configs.items():
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "adapter_config.json").write_text(json.dumps(config))
     wf = from_dict({**workload(), "adapters": {"dirs": ["small", "wide"]}}, folder=tmp_path)
     st = serving_setup.build(llama, A10G, wf)
     ad = st.adapters

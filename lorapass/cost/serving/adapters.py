@@ -15,6 +15,7 @@ site), resolved with the same ``select`` the rewrite uses. Cost terms (``e`` byt
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 
 import numpy as np
 
@@ -34,12 +35,12 @@ class AdapterSet:
     def __len__(self) -> int:
         return len(self.names)
 
-    @property
+    @cached_property
     def bytes(self) -> np.ndarray:
         """Bytes of every adapter's A and B matrices."""
         return self.elem_bytes * (self.rank @ (self.d_in + self.d_out))
 
-    @property
+    @cached_property
     def tensors(self) -> np.ndarray:
         """Tensors (A and B per targeted site) a load copies, per adapter."""
         return 2 * (self.rank > 0).sum(axis=1)

@@ -1,7 +1,7 @@
 """The advisor: which policy to run, and the break-even figures behind the choice.
 
-- Verdict: the policy with the highest goodput (throughput x SLO attainment; throughput without SLOs), ties
-  broken by p99 TTFT.
+- Verdict: the policy with the highest goodput (throughput x SLO attainment; throughput without SLOs); goodputs
+  within 1% tie and the simpler policy wins (multi, dynamic, merge drain, merge threshold), then p99 TTFT.
 - Requests per adapter before merging pays off: a switch costs unmerge + merge + the adapter's load
   (C = 2 * merge + load of the most popular adapter); every request served unmerged pays the LoRA branch,
   d = its prompt's LoRA prefill + (output - 1) decode steps of one sequence's share of a single-adapter
@@ -20,11 +20,19 @@ from lorapass.cost.serving.setup import Setup
 from lorapass.cost.serving.trace import expected_distinct
 
 
+_SIMPLER = ("multi", "dynamic", "merge:drain", "merge:threshold")  # fewer moving parts first
+
+
 def _ranked(summaries: dict[str, dict]) -> list[str]:
+    """Best goodput first; goodputs within 1% of each other tie, broken by the simpler policy, then p99 TTFT."""
+    best = max(s["goodput_req_s"] for s in summaries.values())
+
     def key(name: str):
         s = summaries[name]
         p99 = s["ttft_s"]["p99"]
-        return (-s["goodput_req_s"], p99 if p99 is not None else np.inf)
+        near = s["goodput_req_s"] >= 0.99 * best
+        simpler = _SIMPLER.index(name) if name in _SIMPLER else len(_SIMPLER)
+        return (not near, -s["goodput_req_s"] if not near else 0.0, simpler, p99 if p99 is not None else np.inf)
 
     return sorted(summaries, key=key)
 
@@ -38,8 +46,8 @@ def break_even(setup: Setup, batch: float) -> dict[str, float]:
     host = setup.spec.host
     switch = 2 * step.merge_time(hot) + host.load_time(float(setup.adapters.bytes[hot]),
                                                        int(setup.adapters.tensors[hot]))
-    per_request = (step.lora_time(np.array([hot]), np.array([req.prompt.mean()]))
-                   + (req.output.mean() - 1) * step.lora_time(np.array([hot]), np.array([b])) / b)
+    per_request = (step.lora_time(np.array([hot]), np.array([float(req.prompt.mean())]))
+                   + float(req.output.mean() - 1) * step.lora_time(np.array([hot]), np.array([b])) / b)
     k = max(1, int(round(float(expected_distinct(p, b)))))
     top = np.argsort(-p, kind="stable")[:k]
     tokens = b * p[top] / p[top].sum()
@@ -70,8 +78,9 @@ def advise(setup: Setup, summaries: dict[str, dict]) -> dict:
     be = break_even(setup, ref["batch"]["mean_running"])
     drain = summaries.get("merge:drain") or next((v for k, v in summaries.items() if k.startswith("merge")), None)
     per_switch = drain["requests"] / max(drain["switches"], 1) if drain else None
-    reasons = [f"{order[0]} has the highest {'goodput' if best['slo_attainment'] is not None else 'throughput'}: "
-               f"{best['goodput_req_s']:.2f} req/s, p99 TTFT {best['ttft_s']['p99']:.3g} s"]
+    metric = "goodput" if best["slo_attainment"] is not None else "throughput"
+    reasons = [f"{order[0]} gives the best {metric} (within 1% the simpler policy): {best['goodput_req_s']:.2f} "
+               f"req/s, p99 TTFT {best['ttft_s']['p99']:.3g} s; ranking " + " > ".join(order)]
     reasons.append(f"merging pays off after {be['requests_per_merge']:.0f} requests per adapter per merge "
                    f"(switch {be['switch_s'] * 1e3:.1f} ms vs {be['lora_s_per_request'] * 1e3:.2f} ms of LoRA per "
                    f"request)" + (f"; the merge policy served {per_switch:.0f} per merge" if per_switch else ""))

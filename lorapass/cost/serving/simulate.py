@@ -138,6 +138,9 @@ class Simulation:
         self.stats = Stats()
         self.thresholds: list[float] = []
         self._expected: dict[int, float] = {}
+        self.kv_used = 0  # KV tokens the running sequences hold
+        self._version, self._distinct = 0, 0  # running-batch version (for cached runs), its distinct adapters
+        self._cache: tuple = (-1, None)
 
     # ---- main loop ----
     def run(self) -> SimResult:
@@ -229,7 +232,9 @@ class Simulation:
         self.r_rem[k:k + m] = out[out > 1] - 1
         np.add.at(self.pinned, self.req.adapter[live], 1)
         self.n_run += m
+        self.kv_used += int(self.req.prompt[live].sum())
         self.stats.peak_running = max(self.stats.peak_running, self.n_run)
+        self._changed()
         return end
 
     def _select(self, clock: float, only: int | None) -> tuple[list[int], float]:
@@ -321,6 +326,7 @@ class Simulation:
                 self.res.gpu[adapter] = None
             t += self.step.merge_time(adapter)
         self.merged = adapter
+        self._version += 1
         self.stats.switches += 1
         self.stats.switch_s += t
         self.stats.load_stall_s += load
@@ -328,20 +334,23 @@ class Simulation:
         return t + load
 
     def _decide_mode(self, clock: float) -> float:
-        """dLoRA's rule at an admission point; returns the clock after any mode switch."""
+        """dLoRA's rule at an admission point; returns the clock after any mode switch.
+
+        Unmerged, the batch is the running sequences plus the oldest waiting ones up to ``max_running``, mixed;
+        merged, it is the most requested adapter's sequences (running and waiting) alone."""
         waiting = self.waiting.ids()
-        ads = np.concatenate([self.r_ad[:self.n_run], self.req.adapter[waiting]]).astype(np.int64)
-        if ads.size == 0:
+        system = np.concatenate([self.r_ad[:self.n_run], self.req.adapter[waiting]]).astype(np.int64)
+        if system.size == 0:
             return clock
-        counts = np.bincount(ads, minlength=len(self.ad))
+        counts = np.bincount(system, minlength=len(self.ad))
         top = int(np.argmax(counts))
-        n_all = min(int(ads.size), self.server.max_running)
-        n_top = min(int(counts[top]), n_all)
+        batch = np.bincount(system[:self.server.max_running], minlength=len(self.ad))
+        n_all = int(batch.sum())
+        n_top = min(int(counts[top]), self.server.max_running)
         ctx = float(self.r_len[:self.n_run].mean()) if self.n_run else float(self.req.prompt[waiting].mean())
         t_m = float(self.step.decode_times(n_top, n_top * ctx)[0])
-        present = np.nonzero(counts)[0]
-        share = np.minimum(counts[present], n_all)
-        t_u = float(self.step.decode_times(n_all, n_all * ctx)[0]) + self.step.lora_time(present, share)
+        present = np.flatnonzero(batch)
+        t_u = float(self.step.decode_times(n_all, n_all * ctx)[0]) + self.step.lora_time(present, batch[present])
         self.thresholds.append(t_m / t_u)
         target = top if n_top / t_m > n_all / t_u else None
         if target is not None and target != self.merged and not (self.r_ad[:self.n_run] == target).any():
@@ -359,74 +368,84 @@ class Simulation:
             return idx[self.r_ad[:self.n_run] == self.merged]
         return idx
 
-    def _groups(self, idx: np.ndarray) -> list[tuple[np.ndarray, float]]:
-        """(running slots, LoRA seconds per step) of each run a decode round makes."""
-        ads = self.r_ad[idx]
+    def _groups(self, idx: np.ndarray) -> tuple[np.ndarray | None, np.ndarray, np.ndarray]:
+        """(group of each decodable slot or None for one run, sequences per run, LoRA seconds per step per run)
+        of the runs a decode round makes; cached until the running batch or the merged adapter changes."""
+        if self._cache[0] == self._version:
+            return self._cache[1]
         if self.policy == "merge" and (self.switch == "drain" or self.merged is not None):
-            return [(idx, 0.0)]
-        uniq, inv, counts = np.unique(ads, return_inverse=True, return_counts=True)
-        if self.policy == "dynamic":
-            return [(idx[inv == g], self.step.lora_time(uniq[g:g + 1], counts[g:g + 1])) for g in range(len(uniq))]
-        return [(idx, self.step.lora_time(uniq, counts))]
+            out = (None, np.array([len(idx)]), np.zeros(1))
+        elif self.policy == "dynamic":
+            uniq, inv, counts = np.unique(self.r_ad[idx], return_inverse=True, return_counts=True)
+            lora = np.array([self.step.lora_time(uniq[g:g + 1], counts[g:g + 1]) for g in range(len(uniq))])
+            out = (inv.reshape(-1), counts, lora)
+        else:  # every running sequence decodes: its adapters are the pinned ones
+            present = np.flatnonzero(self.pinned)
+            out = (None, np.array([len(idx)]), np.array([self.step.lora_time(present, self.pinned[present])]))
+        self._cache = (self._version, out)
+        return out
 
     def _decode(self, clock: float, idx: np.ndarray, limit: int, horizon: float) -> tuple[float, int, bool]:
         """Decode rounds until the first finish, ``limit`` rounds, or the round crossing ``horizon``."""
-        groups = self._groups(idx)
-        k_max = int(min(self.r_rem[idx].min(), limit, _CHUNK))
-        sizes = np.array([len(g) for g, _ in groups])
-        contexts = np.array([self.step.capped(self.r_len[g]) for g, _ in groups])
-        lora = np.array([t for _, t in groups])
-        per_group = self.step.decode_times(sizes, contexts, k_max) + lora[:, None]  # [groups, steps]
-        cum = np.cumsum(per_group.sum(axis=0))
+        group, sizes, lora = self._groups(idx)
+        full = len(idx) == self.n_run  # every running sequence decodes: slices instead of gathers
+        sel = slice(0, self.n_run) if full else idx
+        rem, lens = self.r_rem[sel], self.r_len[sel]
+        k_max = int(min(rem.min(), limit, _CHUNK))
+        keys = np.minimum(lens, self.step.window) if self.step.window else lens
+        contexts = np.array([float(keys.sum())]) if group is None else np.bincount(group, weights=keys)
+        per_group = self.step.decode_times(sizes, contexts, k_max) + lora[:, None]  # [runs, steps]
+        cum = np.cumsum(per_group.sum(axis=0)) if len(sizes) > 1 else np.cumsum(per_group[0])
         k = k_max
         if horizon < np.inf:
             k = int(min(k_max, np.searchsorted(cum, horizon - clock, side="left") + 1))
-        self._count(idx, k, len(groups))
-        self.r_len[idx] += k
-        self.r_rem[idx] -= k
-        end = clock + float(cum[k - 1])
-        self.stats.busy_s += float(cum[k - 1])
-        self._memory()
-        done = idx[self.r_rem[idx] == 0]
-        if done.size:
+        self._count(len(idx), k, len(sizes))
+        self.r_len[sel] += k
+        self.r_rem[sel] -= k
+        self.kv_used += k * len(idx)
+        spent = float(cum[k - 1])
+        self.stats.busy_s += spent
+        if self.kv_used > self.stats.peak_kv_tokens:
+            self.stats.peak_kv_tokens = self.kv_used
+            self.stats.peak_kv_blocks_waste = float((-(self.r_len[:self.n_run] - 1) % self.server.kv_block_tokens)
+                                                    .sum())
+        finished = self.r_rem[sel] == 0
+        if finished.any():
+            done = np.flatnonzero(finished) if full else idx[finished]
             before = clock + (float(cum[k - 2]) if k > 1 else 0.0)
-            offsets = np.cumsum(per_group[:, k - 1])
-            for (g, _), off in zip(groups, offsets):
-                gd = g[self.r_rem[g] == 0]
-                self.finish[self.r_id[gd]] = before + off
+            offsets = np.cumsum(per_group[:, k - 1])  # runs of the last round end one after another
+            self.finish[self.r_id[done]] = before + (offsets[0] if group is None else offsets[group[finished]])
             self._remove(done)
-        return end, k, bool(done.size)
+        return clock + spent, k, bool(finished.any())
 
-    def _count(self, idx: np.ndarray, steps: int, runs: int) -> None:
+    def _count(self, decoded: int, steps: int, runs: int) -> None:
         st, b = self.stats, self.n_run
         st.decode_steps += steps * runs
-        st.batch_sum += steps * len(idx)
+        st.batch_sum += steps * decoded
         st.rounds += steps
         st.running_sum += steps * b
-        st.distinct_sum += steps * int(np.count_nonzero(self.pinned))
+        st.distinct_sum += steps * self._distinct
         if b not in self._expected:
             self._expected[b] = float(expected_distinct(self.p, b))
         st.expected_sum += steps * self._expected[b]
 
-    def _memory(self) -> None:
-        lens = self.r_len[:self.n_run] - 1
-        used = float(lens.sum())
-        st = self.stats
-        if used > st.peak_kv_tokens:
-            blk = self.server.kv_block_tokens
-            st.peak_kv_tokens = used
-            st.peak_kv_blocks_waste = float((-lens % blk).sum())
-        used = float(self.ad.bytes[np.flatnonzero(self.pinned)].sum())
-        st.peak_adapter_bytes = max(st.peak_adapter_bytes, used)
+    def _changed(self) -> None:
+        """The running batch changed: refresh what depends on its adapters."""
+        self._version += 1
+        active = np.flatnonzero(self.pinned)
+        self._distinct = len(active)
+        self.stats.peak_adapter_bytes = max(self.stats.peak_adapter_bytes, float(self.ad.bytes[active].sum()))
 
     def _remove(self, slots: np.ndarray) -> None:
         keep = np.ones(self.n_run, dtype=bool)
         keep[slots] = False
         np.subtract.at(self.pinned, self.r_ad[slots], 1)
+        self.kv_used -= int((self.r_len[slots] - 1).sum())
         m = int(keep.sum())
         for arr in (self.r_id, self.r_ad, self.r_len, self.r_rem):
             arr[:m] = arr[:self.n_run][keep]
         self.n_run = m
+        self._changed()
 
 
 def _peak(cur: list, rem: list) -> float:

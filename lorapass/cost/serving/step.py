@@ -208,10 +208,6 @@ class StepModel:
         t = self.decode_terms.times(x, self.peak, self.bw, self.overhead, self._comm)
         return np.where(n > 0, t, 0.0)
 
-    def capped(self, contexts: np.ndarray) -> float:
-        """Sum of the contexts a decode step attends over (capped at the sliding window)."""
-        return float(np.minimum(contexts, self.window).sum() if self.window else contexts.sum())
-
     def prefill_time(self, prompts: np.ndarray) -> float:
         """Base-model seconds of one prefill iteration over these prompts."""
         if len(prompts) == 0:
