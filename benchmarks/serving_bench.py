@@ -7,7 +7,7 @@ max 2048), outputs lognormal (median 128, max 1024), zipf(1.0) popularity, ranks
 - ``adapters_2000``: 2000 adapters, 32 GPU slots, a 500-adapter host cache (LRU, cold start).
 
 Each policy (merge drain and threshold, dynamic, multi) is simulated ``--repeat`` times; the JSON gives the
-median wall time per policy, the set-up time (step-model fit, request draw) and what each run predicted.
+median wall and CPU time per policy (CPU time is what a quiet machine's wall time would be), the set-up time (step-model fit, request draw) and what each run predicted.
 
     python benchmarks/serving_bench.py [--repeat 3] [--duration 600] [--rate 10]
 """
@@ -52,14 +52,16 @@ def measure(name: str, data: dict, repeat: int) -> dict:
     setup_s = time.perf_counter() - start
     out = {"requests": len(st.requests), "adapters": len(st.adapters), "setup_s": round(setup_s, 3), "policies": {}}
     for policy, switch in runs("all", "drain"):
-        walls = []
+        walls, cpus = [], []
         for _ in range(repeat):
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             result = st.simulate(policy, switch)
             walls.append(time.perf_counter() - t0)
+            cpus.append(time.process_time() - c0)
         s = summarize(st, result)
         out["policies"][label(policy, switch)] = {
             "wall_s_median": round(statistics.median(walls), 3), "wall_s_runs": [round(w, 3) for w in walls],
+            "cpu_s_median": round(statistics.median(cpus), 3),
             "throughput_req_s": round(s["throughput_req_s"], 3), "ttft_p99_s": round(s["ttft_s"]["p99"], 3),
             "tpot_p50_s": round(s["tpot_s"]["p50"], 4), "slo_attainment": round(s["slo_attainment"], 3),
             "decode_iterations": s["batch"]["decode_iterations"], "miss_rate": round(s["adapters"]["miss_rate"], 4)}
