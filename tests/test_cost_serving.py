@@ -20,6 +20,8 @@ from lorapass.cost.hw import load_spec
 from lorapass.cost.lora import apply_dynamic
 from lorapass.cost.parallel import Layout
 from lorapass.cost.serving import setup as serving_setup
+from lorapass.cost.serving.advisor import advise, break_even
+from lorapass.cost.serving.analyse import simulate_all
 from lorapass.cost.serving.residency import Residency
 from lorapass.cost.serving.simulate import _peak
 from lorapass.cost.serving.trace import expected_distinct
@@ -138,6 +140,17 @@ def test_step_model_is_the_analysers_roofline(qv_setup, llama):
     assert three[2] == pytest.approx(step.decode_times(4, 4 * 102)[0])
 
 
+def test_step_model_under_tensor_parallelism(llama):
+    """With TP the steps carry the all-reduces after row-parallel linears, as the analyser costs them."""
+    a100 = load_spec(ROOT / "hw_specs" / "a100.yaml")
+    step = serving_setup.build(llama, a100, from_dict(workload()), tp=2).step
+    for b, k in [(8, 500), (64, 1000)]:
+        t = evaluate_ops(llama.graph(b, 1, k), a100, Layout(tp=2))
+        assert step.decode_times(b, b * k)[0] == pytest.approx((t.time + t.comm).sum())
+    t = evaluate_ops(llama.graph(2, 300, 300), a100, Layout(tp=2))
+    assert step.prefill_time(np.array([300, 300])) == pytest.approx((t.time + t.comm).sum())
+
+
 def test_kv_peak_admission_rule():
     # (tokens held, steps left): (10, 5) and (20, 1): after 1 step 11 + 21 = 32; later only the first: 15
     assert _peak([10, 20], [5, 1]) == 32
@@ -229,6 +242,32 @@ def test_padded_bank_costs_more_than_grouped_and_reserves_slots(llama):
     assert padded.kv_tokens < grouped.kv_tokens
 
 
+def test_break_even_figures(qv_setup):
+    st, step = qv_setup, qv_setup.step
+    be = break_even(st, 12.0)
+    hot = 0  # uniform popularity: the first adapter is "the hottest"
+    switch = 2 * step.merge_time(hot) + A10G.host.load_time(float(st.adapters.bytes[hot]), 2 * 64)
+    per_request = step.lora_time(np.array([hot]), np.array([128.0])) + 31 * step.lora_time(np.array([hot]),
+                                                                                             np.array([12])) / 12
+    assert be["switch_s"] == pytest.approx(switch) and be["lora_s_per_request"] == pytest.approx(per_request)
+    assert be["requests_per_merge"] == pytest.approx(switch / per_request)
+    # at the break-even share a merged batch of s*B sequences serves as many requests/s as the mixed batch of B
+    ctx = 128 + 32 / 2
+    n = be["merge_share"] * 12
+    mixed = step.decode_times(12, 12 * ctx)[0] + step.lora_time(np.arange(3), np.full(3, 4.0))
+    assert be["t_mixed_s"] == pytest.approx(mixed)
+    assert n / step.decode_times(n, n * ctx)[0] == pytest.approx(12 / mixed, rel=1e-6)
+
+
+def test_verdicts(llama):
+    one = serving_setup.build(llama, A10G, from_dict(workload(adapters={"count": 1, "ranks": [64]})))
+    assert advise(one, simulate_all(one, "all"))["verdict"] == "merge:drain"  # no LoRA branch, no switches
+    many = serving_setup.build(llama, A10G, from_dict(workload(adapters={"count": 8, "ranks": [16]},
+                                                               arrivals={"rate": 4.0}, requests=120)))
+    advice = advise(many, simulate_all(many, "all"))
+    assert advice["verdict"] in ("multi", "merge:threshold") and advice["ranking"][-1] in ("merge:drain", "dynamic")
+
+
 def test_deterministic(llama):
     a = serving_setup.build(llama, A10G, from_dict(workload())).simulate("multi")
     b = serving_setup.build(llama, A10G, from_dict(workload())).simulate("multi")
@@ -241,6 +280,7 @@ def test_deterministic(llama):
 
 @pytest.mark.parametrize("change, message", [
     ({"popularity": {"kind": "zipf"}}, "popularity.zipf.alpha: missing required field"),
+    ({"popularity": {"kind": "zipf", "alpha": 0}}, "popularity.zipf.alpha: Input should be greater than 0"),
     ({"arivals": {"kind": "poisson", "rate": 1}}, "arivals: unknown field"),
     ({"arrivals": {"kind": "poisson", "rate": -1}}, "arrivals.poisson.rate: Input should be greater than 0"),
     ({"prompt": {"kind": "uniform", "low": 9, "high": 3}}, "prompt.uniform: high 3 is below low 9"),

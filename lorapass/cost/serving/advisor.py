@@ -1,7 +1,7 @@
 """The advisor: which policy to run, and the break-even figures behind the choice.
 
 - Verdict: the policy with the highest goodput (throughput x SLO attainment; throughput without SLOs); goodputs
-  within 1% tie and the simpler policy wins (multi, dynamic, merge drain, merge threshold), then p99 TTFT.
+  within 1% tie and the simpler policy wins (merge drain, dynamic, multi, merge threshold), then p99 TTFT.
 - Requests per adapter before merging pays off: a switch costs unmerge + merge + the adapter's load
   (C = 2 * merge + load of the most popular adapter); every request served unmerged pays the LoRA branch,
   d = its prompt's LoRA prefill + (output - 1) decode steps of one sequence's share of a single-adapter
@@ -20,7 +20,8 @@ from lorapass.cost.serving.setup import Setup
 from lorapass.cost.serving.trace import expected_distinct
 
 
-_SIMPLER = ("multi", "dynamic", "merge:drain", "merge:threshold")  # fewer moving parts first
+# fewer moving parts first: a merged model, per-run adapter swaps, an adapter bank, both modes
+_SIMPLER = ("merge:drain", "dynamic", "multi", "merge:threshold")
 
 
 def _ranked(summaries: dict[str, dict]) -> list[str]:

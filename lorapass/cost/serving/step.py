@@ -26,10 +26,10 @@ from lorapass.cost import ops as O
 from lorapass.cost.analysis import ModelSource, evaluate_ops, kv_cache_bytes
 from lorapass.cost.collectives import Placement, collective_time
 from lorapass.cost.config import visible_pairs
-from lorapass.cost.hw import DTYPE_BYTES, HardwareSpec
+from lorapass.cost.hw import HardwareSpec
 from lorapass.cost.lora import apply_dynamic, merge_ops
 from lorapass.cost.ops import OpGraph
-from lorapass.cost.parallel import Layout, divisors
+from lorapass.cost.parallel import Layout
 from lorapass.cost.serving.adapters import AdapterSet
 from lorapass.errors import SpecError
 
@@ -96,12 +96,10 @@ class StepModel:
         self.decode_terms = self._fit_base(_DECODE_BASIS, (3, 5), self._decode_graph, self._decode_x)
         self.prefill_terms = self._fit_base(_PREFILL_BASIS, (3, 7), self._prefill_graph, self._prefill_x)
         self._fit_lora()
-        e = DTYPE_BYTES[self.meta.dtype]
         base = evaluate_ops(probe, spec, self.layout)
         self.weight_bytes = float(base.param.sum())
         kv_heads = self.meta.num_kv_heads / min(tp, self.meta.num_kv_heads)
         self.kv_bytes_per_token = kv_cache_bytes(self.meta, self.meta.num_layers, 1, 1, kv_heads)
-        self.elem_bytes = e
         self._merge_cache: dict[tuple, float] = {}
 
     # ---- basis fits ----

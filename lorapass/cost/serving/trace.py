@@ -13,9 +13,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from lorapass.cost.serving.workload import (GammaArrivals, LogNormalLength, PoissonArrivals, PowerPopularity,
-                                            TraceArrivals, UniformLength, WeightPopularity, WorkloadFile,
-                                            ZipfPopularity)
+from lorapass.cost.serving.workload import (GammaArrivals, LogNormalLength, PoissonArrivals, SkewedPopularity,
+                                            TraceArrivals, UniformLength, WeightPopularity, WorkloadFile)
 from lorapass.errors import SpecError
 
 TRACE_COLUMNS = ("timestamp_s", "prompt_tokens", "output_tokens", "adapter")
@@ -37,9 +36,9 @@ class Requests:
 def popularity(spec, n: int, source: str = "workload") -> np.ndarray:
     """Probability of each of the ``n`` adapters."""
     i = np.arange(n, dtype=float)
-    if isinstance(spec, ZipfPopularity):
+    if isinstance(spec, SkewedPopularity) and spec.kind == "zipf":
         w = 1.0 / (i + 1) ** spec.alpha
-    elif isinstance(spec, PowerPopularity):
+    elif isinstance(spec, SkewedPopularity):
         w = ((i + 1) / n) ** spec.alpha - (i / n) ** spec.alpha
     elif isinstance(spec, WeightPopularity):
         if len(spec.weights) != n:

@@ -67,17 +67,11 @@ class UniformPopularity(_Strict):
     kind: Literal["uniform"]
 
 
-class ZipfPopularity(_Strict):
-    """p_i proportional to 1 / i^alpha (i = 1..n)."""
+class SkewedPopularity(_Strict):
+    """``zipf``: p_i proportional to 1 / i^alpha (i = 1..n). ``power``: S-LoRA's generator, adapter =
+    floor(n * x) with x ~ power(alpha) on [0, 1], so p_i = ((i+1)/n)^alpha - (i/n)^alpha (alpha 1: uniform)."""
 
-    kind: Literal["zipf"]
-    alpha: float = Field(gt=0)
-
-
-class PowerPopularity(_Strict):
-    """S-LoRA's generator: adapter = floor(n * x), x ~ power(alpha) on [0, 1]: p_i = ((i+1)/n)^a - (i/n)^a."""
-
-    kind: Literal["power"]
+    kind: Literal["zipf", "power"]
     alpha: float = Field(gt=0)
 
 
@@ -86,7 +80,7 @@ class WeightPopularity(_Strict):
     weights: list[Annotated[float, Field(ge=0)]] = Field(min_length=1)
 
 
-Popularity = Annotated[Union[UniformPopularity, ZipfPopularity, PowerPopularity, WeightPopularity],
+Popularity = Annotated[Union[UniformPopularity, SkewedPopularity, WeightPopularity],
                        Field(discriminator="kind")]
 
 
