@@ -9,7 +9,8 @@
 - Share above which merging the hottest adapter wins (dLoRA's rule on this model's costs): a merged batch of
   the hottest adapter's s*B requests serves s*B / t_merged(s*B) requests per second, the mixed batch
   B / t_mixed(B) (base + bank at the expected composition: the E[distinct] most popular adapters, tokens in
-  proportion to popularity); the break-even share s* solves the equality (bisection).
+  proportion to popularity); the break-even share s* solves the equality (bisection). None where there is no
+  break-even (no LoRA cost to save; a merged batch never wins).
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ def _ranked(summaries: dict[str, dict]) -> list[str]:
     return sorted(summaries, key=key)
 
 
-def break_even(setup: Setup, batch: float) -> dict[str, float]:
+def break_even(setup: Setup, batch: float) -> dict[str, float | None]:
     """The two break-even figures at a decode batch of ``batch`` sequences."""
     step, req, p = setup.step, setup.requests, setup.popularity
     b = max(1, int(round(batch)))
@@ -60,14 +61,14 @@ def break_even(setup: Setup, batch: float) -> dict[str, float]:
 
     lo, hi = 1e-6, 1.0
     if gain(hi) < 0:
-        share = float("inf")  # even a batch of one adapter alone loses to the mixed batch
+        share = None  # even a batch of that adapter alone loses to the mixed batch
     else:
         for _ in range(50):
             mid = (lo + hi) / 2
             lo, hi = (mid, hi) if gain(mid) < 0 else (lo, mid)
         share = hi
     return {"batch": float(b), "switch_s": switch, "lora_s_per_request": per_request,
-            "requests_per_merge": switch / per_request if per_request > 0 else float("inf"),
+            "requests_per_merge": switch / per_request if per_request > 0 else None,
             "merge_share": share, "hottest_share": float(p[hot]), "t_mixed_s": t_mixed}
 
 
@@ -82,10 +83,11 @@ def advise(setup: Setup, summaries: dict[str, dict]) -> dict:
     metric = "goodput" if best["slo_attainment"] is not None else "throughput"
     reasons = [f"{order[0]} gives the best {metric} (within 1% the simpler policy): {best['goodput_req_s']:.2f} "
                f"req/s, p99 TTFT {best['ttft_s']['p99']:.3g} s; ranking " + " > ".join(order)]
-    reasons.append(f"merging pays off after {be['requests_per_merge']:.0f} requests per adapter per merge "
-                   f"(switch {be['switch_s'] * 1e3:.1f} ms vs {be['lora_s_per_request'] * 1e3:.2f} ms of LoRA per "
-                   f"request)" + (f"; the merge policy served {per_switch:.0f} per merge" if per_switch else ""))
-    if np.isfinite(be["merge_share"]):
+    if be["requests_per_merge"] is not None:
+        reasons.append(f"merging pays off after {be['requests_per_merge']:.0f} requests per adapter per merge "
+                       f"(switch {be['switch_s'] * 1e3:.1f} ms vs {be['lora_s_per_request'] * 1e3:.2f} ms of LoRA "
+                       f"per request)" + (f"; the merge policy served {per_switch:.0f} per merge" if per_switch else ""))
+    if be["merge_share"] is not None:
         verdict = "above" if be["hottest_share"] >= be["merge_share"] else "below"
         reasons.append(f"merging the hottest adapter beats mixed batches once it has {be['merge_share']:.0%} of "
                        f"the batch; it has {be['hottest_share']:.0%} ({verdict} the break-even)")
