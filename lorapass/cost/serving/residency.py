@@ -3,7 +3,9 @@
 A request whose adapter has no GPU slot is a miss: a free slot is taken (evicting the least recently used
 adapter no running request uses; none free means the request waits), the adapter is read from storage first if
 the host cache misses it (size / storage bandwidth, evicting the host's LRU adapter), then copied host->device
-(:meth:`~lorapass.cost.hw.Host.load_time`). The GPU starts empty; the host cache starts holding every adapter
+(:meth:`~lorapass.cost.hw.Host.load_time`). Without ``max_loras`` an adapter, once copied, stays (in S-LoRA's
+unified pool it would only cost memory while a running request uses it, which is what the KV budget charges).
+The GPU starts empty; the host cache starts holding every adapter
 when it is unbounded (S-LoRA keeps all adapters in host memory) and empty otherwise. With overlap the copies run one after another on a copy stream
 while the GPU keeps decoding and the request becomes admissible when its copy lands; without overlap the copy
 stalls the iteration that needs it.

@@ -8,7 +8,8 @@ solves for the coefficients, and checks them at one more shape (a model whose co
 - prefill: [1, sequences, prompt tokens, attention pairs] (pairs = sum of the visible query-key pairs);
 - the LoRA operators ``apply_dynamic`` inserts, per operator o, in [T_o, rho_o, sum_a t_a rho_a,o] where T_o
   are the tokens whose adapter has o, rho_o the rank rows the bank kernel reads (sum over the distinct adapters
-  of their rank at o: grouped; distinct adapters x slot rank: padded) and t_a the tokens of adapter a.
+  of their rank at o: grouped; distinct adapters x slot rank: padded) and t_a the tokens of adapter a. Every
+  site has its own A (no shared-input fusion), as S-LoRA's per-projection kernels run.
 
 A step's time is sum over operators of max(FLOPs / (peak * eff), bytes / (bandwidth * eff)) + launches * kernel
 overhead, plus the all-reduce after row-parallel linears under tensor parallelism (as ``evaluate_ops``). The
@@ -39,7 +40,10 @@ _LORA_BASIS = [(1, 1), (2, 1), (1, 2)]  # (tokens, rank)
 
 
 class _Params:
-    """A stand-in rule carrier for ``apply_dynamic``/``merge_ops`` (they read ``selection[path][1].r``)."""
+    """What ``apply_dynamic``/``merge_ops`` read of a selection: the rule's ``fuse_shared_inputs`` (False: the
+    bank kernels run one A per site, as S-LoRA's per-projection shrink) and the site's rank ``r``."""
+
+    fuse_shared_inputs = False
 
     def __init__(self, r: int) -> None:
         self.r = r
@@ -149,7 +153,7 @@ class StepModel:
 
         def graph(t: int, r: int) -> OpGraph:
             g = self.source.graph(t, 1, 1)
-            return apply_dynamic(g, {p: (None, _Params(r)) for p in ad.sites})
+            return apply_dynamic(g, {p: (_Params(r), _Params(r)) for p in ad.sites})
 
         first = graph(1, 1)
         lora_idx = [i for i, op in enumerate(first.ops) if op.kind in O.LORA_CLASSES]
@@ -253,7 +257,7 @@ class StepModel:
         key = tuple(row)
         if key not in self._merge_cache:
             g = self.source.graph(1, 1, 1)
-            sel = {p: (None, _Params(int(r))) for p, r in zip(self.adapters.sites, row) if r > 0}
+            sel = {p: (_Params(int(r)), _Params(int(r))) for p, r in zip(self.adapters.sites, row) if r > 0}
             mg = OpGraph(merge_ops(g, sel), g.meta, {})
             t = evaluate_ops(mg, self.spec, self.layout)
             launches = mg.arrays()["launches"]
