@@ -393,6 +393,8 @@ def test_cli_one_policy_table_and_errors(tmp_path, capsys):
     assert "multi" in out and "merge:drain" not in out and "advisor: multi" in out
     assert lorapass_main(["analyse", str(LLAMA), "--hw", hw, "--workload", str(w), "--batch", "4"]) == 2
     assert "--batch do not apply" in capsys.readouterr().err
+    assert lorapass_main(["analyse", str(LLAMA), "--hw", hw, "--policy", "multi"]) == 2
+    assert "--policy chooses what --workload simulates" in capsys.readouterr().err
     w.write_text("adapters: [1, 2]\n")
     assert lorapass_main(["analyse", str(LLAMA), "--hw", hw, "--workload", str(w)]) == 2
     assert "adapters: Input should be a valid dictionary" in capsys.readouterr().err

@@ -53,6 +53,8 @@ def cmd_analyse(args: argparse.Namespace) -> int:
         from lorapass.cost.serving.command import cmd_serving
 
         return cmd_serving(args)
+    if args.policy:
+        raise SpecError("--policy chooses what --workload simulates; give --workload W.yaml")
     from lorapass.cost import report
     from lorapass.cost.analysis import Analyser, ModelSource, Workload, sweep
     from lorapass.cost.hw import load_spec
@@ -135,8 +137,9 @@ def add_analyse_parser(subparsers) -> argparse.ArgumentParser:
     g = p.add_argument_group("serving many adapters")
     g.add_argument("--workload", metavar="W.yaml",
                    help="simulate continuous batching of this workload (adapters, popularity, arrivals, SLOs)")
-    g.add_argument("--policy", choices=["merge", "dynamic", "multi", "all"], default="all",
-                   help="with --workload: adapter policy to simulate (all: merge drain+threshold, dynamic, multi)")
+    g.add_argument("--policy", choices=["merge", "dynamic", "multi", "all"],
+                   help="with --workload: adapter policy to simulate (default all: merge drain and threshold, "
+                        "dynamic, multi)")
     g = p.add_argument_group("output")
     g.add_argument("--sweep", action="store_true", help="rank every valid TP x PP x EP layout of --devices")
     g.add_argument("--devices", help="device counts to sweep: 8, 8,16 or 8-64 (default: tp*pp*ep*dp)")

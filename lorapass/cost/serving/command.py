@@ -29,7 +29,7 @@ def cmd_serving(args: argparse.Namespace) -> int:
     wf = load_workload(args.workload)
     source = ModelSource(args.model, attention=args.attention, logits=args.logits, dtype=args.dtype,
                          kv_dtype=args.kv_dtype, prefix=args.prefix, dims=_dims(args.dims))
-    report = analyse_serving(source, spec, wf, args.policy, tp=args.tp, with_sweep=bool(args.plot))
+    report = analyse_serving(source, spec, wf, args.policy or "all", tp=args.tp, with_sweep=bool(args.plot))
     if args.plot:
         plot_sweep(report, args.plot)
     print(json.dumps(report.to_dict(), indent=2, default=float) if args.json else format_report(report))
