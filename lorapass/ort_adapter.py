@@ -9,42 +9,72 @@ import os
 from pathlib import Path
 
 import numpy as np
-import onnx
+import onnx_ir as ir
 
+from lorapass.adapter import Adapter
+from lorapass.atomic import Transaction
 from lorapass.errors import AdapterError, ModelError
+from lorapass.onnx.load import load_model
 from lorapass.onnx.slots import METADATA_KEY, SITES_KEY, Slot, from_record
+from lorapass.provenance import input_files
 
-_DTYPES = {onnx.TensorProto.FLOAT: np.float32, onnx.TensorProto.FLOAT16: np.float16}
+_DTYPES = {ir.DataType.FLOAT: np.float32, ir.DataType.FLOAT16: np.float16}
 
 
-def slots_of(model: str | os.PathLike) -> tuple[list[Slot], dict[str, np.dtype], list[str]]:
-    """The slots of a dynamic model (from its ``lorapass.lora`` records), its input dtypes by name, and the site
-    paths of its base (``lorapass.sites``; the slot paths for graphs written before that record existed)."""
-    proto = onnx.load(str(model), load_external_data=False)
-    meta = {p.key: p.value for p in proto.metadata_props}
-    if METADATA_KEY not in meta:
+def slots_of(model: str | os.PathLike, graph: ir.Model | None = None) -> tuple[list[Slot], dict[str, np.dtype]]:
+    """The slots of a dynamic model (rebuilt from its ``lorapass.lora`` records) and its input dtypes by name;
+    ModelError if the records are missing, malformed, or name inputs the graph does not have."""
+    graph = graph if graph is not None else load_model(model)
+    text = graph.metadata_props.get(METADATA_KEY)
+    if text is None:
         raise ModelError(f"{model}: not a lorapass dynamic graph (no {METADATA_KEY!r} metadata)")
-    slots = [from_record(rec) for rec in json.loads(meta[METADATA_KEY])]
-    dtypes = {v.name: np.dtype(_DTYPES.get(v.type.tensor_type.elem_type, np.float32)) for v in proto.graph.input}
-    paths = json.loads(meta[SITES_KEY]) if SITES_KEY in meta else [slot.path for slot in slots]
-    return slots, dtypes, paths
+    try:
+        records = json.loads(text)
+    except (ValueError, RecursionError) as exc:
+        raise ModelError(f"{model}: metadata {METADATA_KEY!r} is not valid JSON ({exc})") from None
+    try:
+        if not isinstance(records, list):
+            raise TypeError("not a list")
+        slots = [from_record(rec) for rec in records]
+        names = {i.name for slot in slots for i in slot.inputs()}
+    except (TypeError, KeyError, AttributeError) as exc:
+        raise ModelError(f"{model}: metadata {METADATA_KEY!r} must be a JSON list of slot records ({exc!r})") from None
+    dtypes = {v.name: np.dtype(_DTYPES.get(v.dtype, np.float32)) for v in graph.graph.inputs}
+    missing = sorted(names - set(dtypes))
+    if missing:
+        raise ModelError(f"{model}: metadata {METADATA_KEY!r} lists LoRA inputs the graph does not have: {missing[:4]}")
+    return slots, dtypes
+
+
+def site_paths(model: str | os.PathLike, graph: ir.Model) -> list[str]:
+    """The site paths of a dynamic model's base (``lorapass.sites``; its slot paths for graphs written before)."""
+    text = graph.metadata_props.get(SITES_KEY)
+    if text is None:
+        return [slot.path for slot in slots_of(model, graph)[0]]
+    try:
+        paths = json.loads(text)
+    except (ValueError, RecursionError) as exc:
+        raise ModelError(f"{model}: metadata {SITES_KEY!r} is not valid JSON ({exc})") from None
+    if not isinstance(paths, list) or not all(isinstance(p, str) for p in paths):
+        raise ModelError(f"{model}: metadata {SITES_KEY!r} must be a JSON list of site paths")
+    return paths
 
 
 def bind_to(adapter, model: str | os.PathLike, component: str | None = None, strict: bool = False,
-            unet_config: str | os.PathLike | None = None) -> list:
+            unet_config: str | os.PathLike | None = None, graph: ir.Model | None = None) -> list[Adapter]:
     """``adapter`` (one or several: Adapter, path or ``PATH:WEIGHT``) loaded, single files bound to the site paths
     of the dynamic graph ``model``'s base (see :func:`lorapass.formats.names.bind`)."""
     from lorapass.formats.names import bind
     from lorapass.formats.sgm import UnetLayout
     from lorapass.onnx.rewrite import as_adapters
 
-    _, _, paths = slots_of(model)
+    paths = site_paths(model, graph if graph is not None else load_model(model))
     layout = UnetLayout.from_config(unet_config) if unet_config is not None else None
     return [bind(a, paths, component, layout, strict) for a in as_adapters(adapter)]
 
 
-def adapter_parameters(adapter, model: str | os.PathLike, component: str | None = None, strict: bool = False,
-                       unet_config: str | os.PathLike | None = None) -> dict[str, np.ndarray]:
+def adapter_parameters(adapter, model: str | os.PathLike, graph: ir.Model | None = None, component: str | None = None,
+                       strict: bool = False, unet_config: str | os.PathLike | None = None) -> dict[str, np.ndarray]:
     """The adapters' values for the dynamic graph's slot inputs (each slot says how, and checks the shapes).
 
     ``adapter`` is one adapter or several (Adapter, path or ``PATH:WEIGHT``); several on one slot become one blend
@@ -56,8 +86,9 @@ def adapter_parameters(adapter, model: str | os.PathLike, component: str | None 
     """
     from lorapass.kinds import Blend
 
-    slots, dtypes, _ = slots_of(model)
-    adapters = bind_to(adapter, model, component, strict, unet_config)
+    graph = graph if graph is not None else load_model(model)
+    slots, dtypes = slots_of(model, graph)
+    adapters = bind_to(adapter, model, component, strict, unet_config, graph)
     by_path = {slot.path: slot for slot in slots}
     modules: dict[str, list] = {}
     for a in adapters:
@@ -87,16 +118,20 @@ def export_adapter(adapter_dir, model: str | os.PathLike, output: str | os.PathL
     graph ``model`` (see :func:`adapter_parameters`)."""
     import onnxruntime as ort
 
-    params = adapter_parameters(adapter_dir, model, component, strict, unet_config)
+    graph = load_model(model)
+    adapters = bind_to(adapter_dir, model, component, strict, unet_config, graph)
+    params = adapter_parameters(adapters, model, graph)
     fmt = ort.AdapterFormat()
     fmt.set_parameters({k: ort.OrtValue.ortvalue_from_numpy(v) for k, v in params.items()})
-    output = Path(output)
-    tmp = output.with_name(f".{output.name}.tmp-{os.getpid()}")
-    try:
-        fmt.export_adapter(str(tmp))
-        os.replace(tmp, output)
-    finally:
-        tmp.unlink(missing_ok=True)
+    output, model = Path(output), Path(model)
+    data = {model.parent / v.const_value.location for v in graph.graph.initializers.values()
+            if isinstance(v.const_value, ir.ExternalTensor)}
+    with Transaction([output], [model, *data, *input_files(adapters, None)]) as commit:
+        try:
+            fmt.export_adapter(str(commit.temp(output)))
+        except RuntimeError as exc:  # onnxruntime reports I/O failures as RuntimeError
+            raise OSError(f"{output}: onnxruntime could not write the adapter ({exc})") from exc
+        commit.commit()
     return output
 
 

@@ -33,14 +33,9 @@ class _Graph:
 
     def __init__(self, model: ir.Model) -> None:
         self.model, self.graph = model, model.graph
-        self.values = {v.name: v for n in self.graph for v in n.outputs} | {v.name: v for v in self.graph.inputs}
+        self.base = {v.name: v for n in self.graph for v in n.outputs} | {v.name: v for v in self.graph.inputs}
+        self.values = dict(self.base)  # name -> its value with every branch joined so far
         self.slots: dict[str, tuple[Slot, dict[str, ir.Value]]] = {}
-        self.joined: dict[str, ir.Value] = {}  # a site output's name -> the value with its branch added
-
-    def current(self, name: str) -> ir.Value:
-        """The value named ``name`` as the rewritten graph computes it: a targeted site's output with its branch
-        added (a site may read another site's output directly, e.g. a resnet's shortcut conv after an upsampler)."""
-        return self.joined.get(name, self.values[name])
 
     def slot(self, target: Target) -> tuple[Slot, dict[str, ir.Value]]:
         """The slot of a module path and its graph inputs (role -> value), made once per path."""
@@ -62,8 +57,11 @@ class _Graph:
         return self.slots[path]
 
     def join(self, b: Branch, site: Site, delta: ir.Value) -> None:
-        """``y + delta`` in place of the site's output ``y``, keeping ``y``'s name where it is a graph output."""
-        y = self.values[site.output]
+        """``y + delta`` in place of the site's output ``y``, keeping ``y``'s name where it is a graph output.
+
+        Later lookups of the output's name give the joined value, so a targeted site reading this one's output
+        (``v(q(x))``) reads it with q's LoRA applied."""
+        y = self.base[site.output]
         joined = b.op("Add", [y, delta], f"{site.path}/lora/Add")
         add = joined.producer()
         if y.is_graph_output():
@@ -76,11 +74,11 @@ class _Graph:
         for node, index in list(y.uses()):
             if node is not add:
                 node.replace_input_with(index, joined)
-        self.joined[site.output] = joined
+        self.values[site.output] = joined
 
     def insert(self, b: Branch, site: Site) -> None:
-        """Place the branch's nodes right after the node producing the site's output."""
-        self.graph.insert_after(self.values[site.output].producer(), b.nodes)
+        """Place the branch's nodes right after the node producing the site's (base) output."""
+        self.graph.insert_after(self.base[site.output].producer(), b.nodes)
 
 
 def insert_lora(model: ir.Model, targets: list[Target]) -> int:
@@ -90,7 +88,7 @@ def insert_lora(model: ir.Model, targets: list[Target]) -> int:
     for target in targets:
         groups[(target.site.input, target.site.dtype)].append(target)
     for (x_name, _), group in groups.items():
-        x = g.current(x_name)
+        x = g.values[x_name]
         fusable = [t for t in group if t.rule.fuse_shared_inputs and t.site.kind == "linear"]
         if len({t.site.path for t in fusable}) >= 2:
             _fused(g, x, fusable)

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
+from lorapass import provenance
 from lorapass.adapter import Adapter, load_adapter
 from lorapass.errors import RuleError, UnsupportedError
 from lorapass.onnx.load import load_model
@@ -100,15 +101,18 @@ def find_and_bind(graph, adapters: list[Adapter], prefix: str | None = None, com
 def rewrite(model: str | os.PathLike, output: str | os.PathLike, adapter=None,
             rules: str | os.PathLike | LoraRule | RuleSet | None = None, strategy: Strategy | None = None,
             prefix: str | None = None, allow_pickle: bool = False, progress: bool | None = None,
-            component: str | None = None, strict: bool = False,
+            force: bool = False, component: str | None = None, strict: bool = False,
             unet_config: str | os.PathLike | None = None) -> RewriteResult:
     """Apply LoRA to the ONNX file ``model`` and write ``output``; the input is never modified.
 
     ``adapter`` is one adapter or a list (an Adapter, a path, or ``PATH:WEIGHT``); several adapters merge as the
     sum of their weighted deltas, and share one dynamic slot per site as one blend (ranks concatenated). ``rules``
     select the targets (default: each adapter's own config). Single-file adapters (kohya, LyCORIS, diffusers) are
-    bound to the graph's sites first (``component``, ``strict``, ``unet_config``: see :func:`find_and_bind`).
+    bound to the graph's sites first (``component``, ``strict``, ``unet_config``: see :func:`find_and_bind`). The
+    output records what was applied (:mod:`lorapass.provenance`); applying LoRA to a graph that already has
+    lorapass slots, or merging the same adapter twice, is refused unless ``force``.
     """
+    rules_file = rules if isinstance(rules, (str, os.PathLike)) else None
     adapters = as_adapters(adapter, allow_pickle)
     graph = load_model(model)
     report, adapters = find_and_bind(graph, adapters, prefix, component, strict, unet_config)
@@ -117,6 +121,7 @@ def rewrite(model: str | os.PathLike, output: str | os.PathLike, adapter=None,
     if strategy == "merge" and not adapters:
         raise RuleError("strategy merge needs an adapter's weights (--adapter)")
     targets = [t for a, r in zip(adapters or [None], rule_sets) for t in plan(report.sites, r, report.output_heads, a)]
+    provenance.stamp(graph, model, adapters, strategy, targets, force, rules_file)
     if strategy == "merge":
         merge(graph, targets)
     else:
@@ -125,5 +130,5 @@ def rewrite(model: str | os.PathLike, output: str | os.PathLike, adapter=None,
         targets = blend(targets)
         insert_lora(graph, targets)
         graph.metadata_props[SITES_KEY] = json.dumps(list(dict.fromkeys(s.path for s in report.sites)))
-    stats = save_model(graph, model, output, progress=progress)
+    stats = save_model(graph, model, output, progress=progress, inputs=provenance.input_files(adapters, rules_file))
     return RewriteResult(Path(output), strategy, report, targets, stats, adapters)
