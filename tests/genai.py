@@ -1,0 +1,116 @@
+"""onnxruntime-genai model builder runs for tests: a tiny HF model folder (random weights, a local WordLevel
+tokenizer, no hub), built in process with ``precision`` fp32 / fp16 / int4 and any ``--extra_options``."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+import os
+import sys
+from pathlib import Path
+
+import torch
+
+from builders import VOCAB, build
+
+BOS, EOS, PAD, UNK = 1, 2, 0, 3
+
+
+def tokenizer():
+    """A WordLevel tokenizer over ``VOCAB`` words ``t0 .. t{VOCAB-1}`` (word ``tN`` is token id N)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.WordLevel({f"t{i}": i for i in range(VOCAB)}, unk_token=f"t{UNK}"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=f"t{BOS}", eos_token=f"t{EOS}",
+                                   pad_token=f"t{PAD}", unk_token=f"t{UNK}")
+
+
+def hf_folder(model: torch.nn.Module, folder: Path) -> Path:
+    """Save ``model`` (a transformers causal LM) and the test tokenizer as a local HF model folder."""
+    config = model.config
+    config.bos_token_id, config.eos_token_id, config.pad_token_id = BOS, EOS, PAD
+    if config.model_type == "phi3":  # the builder's Phi-3 needs one rotary cache (no "multi_cache")
+        config.original_max_position_embeddings = config.max_position_embeddings
+    model.save_pretrained(str(folder))
+    tokenizer().save_pretrained(str(folder))
+    return folder
+
+
+_GENAI_MODULES: dict[str, object] = {}
+
+
+@contextlib.contextmanager
+def _builder_modules():
+    """The builder module, importable in a process that has the tests' own ``builders`` module.
+
+    The builder imports its siblings as top-level modules (``builders``, ``quantization``, ... from its folder
+    on sys.path), which this test suite's ``builders`` shadows; its modules are swapped into sys.modules for
+    the duration of a build and swapped out after."""
+    import onnxruntime_genai.models as models
+
+    folder = os.path.dirname(models.__file__)
+    tops = {p.stem for p in Path(folder).iterdir() if p.suffix == ".py" or (p / "__init__.py").exists()}
+    ours = {n: m for n, m in sys.modules.items() if n.split(".")[0] in tops}
+    for name in ours:
+        del sys.modules[name]
+    sys.modules.update(_GENAI_MODULES)
+    sys.path.insert(0, folder)
+    try:
+        import builder
+
+        yield builder
+    finally:
+        sys.path.remove(folder)
+        for name in [n for n in sys.modules if n.split(".")[0] in tops]:
+            _GENAI_MODULES[name] = sys.modules.pop(name)
+        sys.modules.update(ours)
+
+
+def run_builder(hf_dir: Path, out: Path, precision: str = "fp32", extra: dict[str, str] | None = None) -> Path:
+    """``python -m onnxruntime_genai.models.builder -i HF_DIR -o OUT -p PRECISION -e cpu --extra_options ...``,
+    run in this process (a fresh interpreter per build costs seconds); its console output is swallowed
+    and shown only if it fails. Returns ``out`` (model.onnx, model.onnx.data, genai_config.json, tokenizer)."""
+    options = [f"{k}={v}" for k, v in (extra or {}).items()]
+    cache = out.parent / f"{out.name}.cache"
+    log = io.StringIO()
+    logging.disable(logging.INFO)  # the int4 quantizer logs every node
+    try:
+        with _builder_modules() as builder, contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
+            kwargs = builder.parse_extra_options(None, str(hf_dir), str(out), precision, "cpu", str(cache), options)
+            builder.create_model(None, str(hf_dir), str(out), precision, "cpu", str(cache), **kwargs)
+    except Exception as exc:
+        raise RuntimeError(f"genai builder failed on {hf_dir} ({precision}, {options}):\n{log.getvalue()[-4000:]}") from exc
+    finally:
+        logging.disable(logging.NOTSET)
+    return out
+
+
+class GenaiBuilds:
+    """Session cache of tiny HF folders and their builder outputs (see ``genai`` in conftest.py)."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.models: dict[str, tuple[torch.nn.Module, Path]] = {}
+        self.outputs: dict[tuple, Path] = {}
+
+    def model(self, family: str, seed: int = 0) -> tuple[torch.nn.Module, Path]:
+        """(the torch model, its HF folder) of a tiny ``family`` model, made once."""
+        key = f"{family}_{seed}"
+        if key not in self.models:
+            model = build(family, seed)
+            self.models[key] = (model, hf_folder(model, self.root / key / "hf"))
+        return self.models[key]
+
+    def build(self, family: str, precision: str = "fp32", seed: int = 0, **extra: str) -> Path:
+        """The builder's output folder for ``family`` at ``precision`` with ``extra`` options, built once.
+
+        ``adapter_path=DIR`` (a PEFT adapter) makes the builder's own LoRA build of that adapter."""
+        key = (family, seed, precision, tuple(sorted(extra.items())))
+        if key not in self.outputs:
+            _, hf_dir = self.model(family, seed)
+            tag = "_".join([precision] + [f"{k}-{os.path.basename(str(v))}" for k, v in sorted(extra.items())])
+            self.outputs[key] = run_builder(hf_dir, hf_dir.parent / tag, precision, extra)
+        return self.outputs[key]
