@@ -8,6 +8,7 @@ from pathlib import Path
 import onnx_ir as ir
 
 from lorapass.errors import ModelError
+from lorapass.onnx.dialects import SOURCE
 
 
 def load_model(path: str | os.PathLike) -> ir.Model:
@@ -20,6 +21,7 @@ def load_model(path: str | os.PathLike) -> ir.Model:
     except Exception as exc:  # protobuf and onnx_ir raise many types for a corrupt file
         raise ModelError(f"{path}: not a readable ONNX model ({type(exc).__name__}: {exc})") from exc
     check_external_data(model, path)
+    model.graph.meta[SOURCE] = path  # the dialect reads the files beside it (genai_config.json)
     return model
 
 
