@@ -47,8 +47,13 @@ def _cmd_rewrite(args: argparse.Namespace) -> int:
         "prefix": result.report.prefix,
         "bytes_written": result.stats.bytes_written,
     }
+    if result.requantization is not None:
+        summary["requantization"] = result.requantization
+        if result.requantization["warning"]:
+            print(f"lorapass: warning: {result.requantization['warning']}", file=sys.stderr)
     print(json.dumps(summary) if args.json else
-          f"{result.strategy}: {summary['targets']} of {summary['sites']} sites -> {result.output}")
+          f"{result.strategy}: {summary['targets']} of {summary['sites']} sites -> {result.output}"
+          + (f" ({result.requantization['delta_kept']:.1%} of the delta kept by requantization)" if result.requantization else ""))
     return 0
 
 

@@ -119,10 +119,16 @@ def _split_alias(text: str) -> tuple[str, str]:
     return old.strip(), new.strip()
 
 
+_QUANTIZED = re.compile(r"_Q\d+$")  # ORT's quantizer suffix: node /a/MatMul_Q4 over a.MatMul.weight_Q4
+
+
 def _builder_named(node: ir.Node, weight: ir.Value) -> bool:
-    """The genai builder's convention: initializer = node name without its leading '/', '/' -> '.', + '.weight'."""
-    name = node.name or ""
-    return name.startswith("/") and weight.name == name[1:].replace("/", ".") + ".weight"
+    """The genai builder's convention: initializer = node name without its leading '/', '/' -> '.', + '.weight'
+    (both with the same ``_Q<bits>`` suffix when quantized to MatMulNBits)."""
+    name, suffix = node.name or "", ""
+    if (found := _QUANTIZED.search(name)) is not None:
+        name, suffix = name[:found.start()], found.group()
+    return name.startswith("/") and weight.name == name[1:].replace("/", ".") + ".weight" + suffix
 
 
 def _read_config(folder: Path, model_file: str) -> tuple[str | None, str | None, dict]:

@@ -10,6 +10,7 @@ from typing import Literal
 from lorapass.adapter import Adapter, load_adapter
 from lorapass.errors import RuleError, UnsupportedError
 from lorapass.onnx.load import load_model
+from lorapass.onnx.loss import summary
 from lorapass.onnx.merge import merge
 from lorapass.onnx.save import SaveStats, save_model
 from lorapass.onnx.sites import SiteReport, find_sites
@@ -28,6 +29,7 @@ class RewriteResult:
     report: SiteReport
     targets: list[Target]
     stats: SaveStats = field(default_factory=SaveStats)
+    requantization: dict | None = None  # merge into lossy (quantized) weights: how much delta survived (onnx/loss.py)
 
 
 def as_adapters(adapter, allow_pickle: bool = False) -> list[Adapter]:
@@ -97,5 +99,6 @@ def rewrite(model: str | os.PathLike, output: str | os.PathLike, adapter=None,
         from lorapass.onnx.dynamic import insert_lora
 
         insert_lora(graph, targets)
-    stats = save_model(graph, model, output, progress=progress)
-    return RewriteResult(Path(output), strategy, report, targets, stats)
+    stats = save_model(graph, model, output, progress=progress)  # computes the merged weights (and their losses)
+    stores = {id(s): s for t in targets for s in t.site.storage.stores}.values()
+    return RewriteResult(Path(output), strategy, report, targets, stats, summary([x for s in stores for x in s.losses]))
