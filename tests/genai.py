@@ -12,9 +12,34 @@ from pathlib import Path
 
 import torch
 
-from builders import VOCAB, build
+from builders import VOCAB
 
 BOS, EOS, PAD, UNK = 1, 2, 0, 3
+SIZES = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=80, num_hidden_layers=2, num_attention_heads=4,
+             max_position_embeddings=128, bos_token_id=BOS, eos_token_id=EOS, pad_token_id=PAD)
+"""Tiny, but as the builder needs: GroupQueryAttention's CPU kernel wants a head size that is a multiple of 16, and
+the builder takes *any* nn.Linear with ``out_features == vocab_size`` for the lm_head (so no projection may be
+VOCAB wide: with vocab 96 and Phi-3's gate_up_proj 2 x 48 rows, the logits would read layer 0's MLP input)."""
+FAMILIES = {  # config class, model class, extra config
+    "llama": ("LlamaConfig", "LlamaForCausalLM", dict(num_key_value_heads=2)),
+    "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", dict(num_key_value_heads=2)),
+    "mistral": ("MistralConfig", "MistralForCausalLM", dict(num_key_value_heads=2)),
+    "phi3": ("Phi3Config", "Phi3ForCausalLM", dict(num_key_value_heads=4)),
+}
+
+
+def build(family: str, seed: int = 0, **sizes) -> torch.nn.Module:
+    """A tiny ``family`` causal LM with random weights (biases randomised too); ``sizes`` override SIZES."""
+    import transformers as tf
+
+    config_cls, model_cls, extra = FAMILIES[family]
+    torch.manual_seed(seed)
+    model = getattr(tf, model_cls)(getattr(tf, config_cls)(**(SIZES | extra | sizes))).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("bias"):
+                p.normal_(0, 0.02)
+    return model
 
 
 def tokenizer():
