@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import contextlib
 import io
+import json
 import logging
 import os
 import sys
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from builders import VOCAB
@@ -137,5 +139,32 @@ class GenaiBuilds:
         if key not in self.outputs:
             _, hf_dir = self.model(family, seed)
             tag = "_".join([precision] + [f"{k}-{os.path.basename(str(v))}" for k, v in sorted(extra.items())])
+            tag += f"_{len(self.outputs)}"  # two adapter_path values may share a folder name
             self.outputs[key] = run_builder(hf_dir, hf_dir.parent / tag, precision, extra)
         return self.outputs[key]
+
+
+def feeds(model: Path, ids: np.ndarray) -> dict[str, np.ndarray]:
+    """Inputs for a builder graph's first step: ``ids`` [batch, seq], all-ones mask, positions, an empty cache."""
+    import onnx
+
+    decoder = json.loads((model.parent / "genai_config.json").read_text())["model"]["decoder"]
+    out = {"input_ids": ids.astype(np.int64), "attention_mask": np.ones_like(ids, np.int64)}
+    for value in onnx.load(str(model), load_external_data=False).graph.input:
+        t = value.type.tensor_type
+        if value.name == "position_ids":
+            out[value.name] = np.broadcast_to(np.arange(ids.shape[1], dtype=np.int64), ids.shape).copy()
+        elif value.name.startswith("past_key_values."):
+            dtype = onnx.helper.tensor_dtype_to_np_dtype(t.elem_type)
+            out[value.name] = np.zeros((ids.shape[0], t.shape.dim[1].dim_value, 0, decoder["head_size"]), dtype)
+    return out
+
+
+def first_logits(model: Path, ids: np.ndarray, adapter: Path | None = None) -> np.ndarray:
+    """The builder graph's logits for the prompt ``ids`` in ONNX Runtime (float32), with an adapter file active."""
+    from lorapass.ort_adapter import Session
+
+    session = Session(model)
+    if adapter is not None:
+        session.add_adapter("a", adapter)
+    return session.run(feeds(model, ids), adapter="a" if adapter else None, outputs=["logits"])[0].astype(np.float32)
