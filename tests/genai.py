@@ -5,16 +5,43 @@ from __future__ import annotations
 
 import contextlib
 import io
+import json
 import logging
 import os
 import sys
 from pathlib import Path
 
+import numpy as np
 import torch
 
-from builders import VOCAB, build
+from builders import VOCAB
 
 BOS, EOS, PAD, UNK = 1, 2, 0, 3
+SIZES = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=80, num_hidden_layers=2, num_attention_heads=4,
+             max_position_embeddings=128, bos_token_id=BOS, eos_token_id=EOS, pad_token_id=PAD)
+"""Tiny, but as the builder needs: GroupQueryAttention's CPU kernel wants a head size that is a multiple of 16, and
+the builder takes *any* nn.Linear with ``out_features == vocab_size`` for the lm_head (so no projection may be
+VOCAB wide: with vocab 96 and Phi-3's gate_up_proj 2 x 48 rows, the logits would read layer 0's MLP input)."""
+FAMILIES = {  # config class, model class, extra config
+    "llama": ("LlamaConfig", "LlamaForCausalLM", dict(num_key_value_heads=2)),
+    "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", dict(num_key_value_heads=2)),
+    "mistral": ("MistralConfig", "MistralForCausalLM", dict(num_key_value_heads=2)),
+    "phi3": ("Phi3Config", "Phi3ForCausalLM", dict(num_key_value_heads=4)),
+}
+
+
+def build(family: str, seed: int = 0, **sizes) -> torch.nn.Module:
+    """A tiny ``family`` causal LM with random weights (biases randomised too); ``sizes`` override SIZES."""
+    import transformers as tf
+
+    config_cls, model_cls, extra = FAMILIES[family]
+    torch.manual_seed(seed)
+    model = getattr(tf, model_cls)(getattr(tf, config_cls)(**(SIZES | extra | sizes))).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("bias"):
+                p.normal_(0, 0.02)
+    return model
 
 
 def tokenizer():
@@ -112,5 +139,32 @@ class GenaiBuilds:
         if key not in self.outputs:
             _, hf_dir = self.model(family, seed)
             tag = "_".join([precision] + [f"{k}-{os.path.basename(str(v))}" for k, v in sorted(extra.items())])
+            tag += f"_{len(self.outputs)}"  # two adapter_path values may share a folder name
             self.outputs[key] = run_builder(hf_dir, hf_dir.parent / tag, precision, extra)
         return self.outputs[key]
+
+
+def feeds(model: Path, ids: np.ndarray) -> dict[str, np.ndarray]:
+    """Inputs for a builder graph's first step: ``ids`` [batch, seq], all-ones mask, positions, an empty cache."""
+    import onnx
+
+    decoder = json.loads((model.parent / "genai_config.json").read_text())["model"]["decoder"]
+    out = {"input_ids": ids.astype(np.int64), "attention_mask": np.ones_like(ids, np.int64)}
+    for value in onnx.load(str(model), load_external_data=False).graph.input:
+        t = value.type.tensor_type
+        if value.name == "position_ids":
+            out[value.name] = np.broadcast_to(np.arange(ids.shape[1], dtype=np.int64), ids.shape).copy()
+        elif value.name.startswith("past_key_values."):
+            dtype = onnx.helper.tensor_dtype_to_np_dtype(t.elem_type)
+            out[value.name] = np.zeros((ids.shape[0], t.shape.dim[1].dim_value, 0, decoder["head_size"]), dtype)
+    return out
+
+
+def first_logits(model: Path, ids: np.ndarray, adapter: Path | None = None) -> np.ndarray:
+    """The builder graph's logits for the prompt ``ids`` in ONNX Runtime (float32), with an adapter file active."""
+    from lorapass.ort_adapter import Session
+
+    session = Session(model)
+    if adapter is not None:
+        session.add_adapter("a", adapter)
+    return session.run(feeds(model, ids), adapter="a" if adapter else None, outputs=["logits"])[0].astype(np.float32)

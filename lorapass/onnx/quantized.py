@@ -166,6 +166,8 @@ class MatMulNBits(Quantized):
     scales [N, blocks] (or flat), optional zero points (uint8 packed per row like B, or in the scales' type; else
     2^(bits-1)) and g_idx (K -> block). W[n, k] = (q[n, k] - zp[n, b]) * scale[n, b], b = g_idx[k] or k // block."""
 
+    layout = "out_in"  # rows are output features, as in torch
+
     def __init__(self, node: ir.Node, blob: ir.Value, scales: ir.Value, zeros: ir.Value | None,
                  g_idx: ir.Value | None) -> None:
         attrs = node.attributes

@@ -9,6 +9,7 @@ from typing import Literal
 
 from lorapass.adapter import Adapter, load_adapter
 from lorapass.errors import RuleError, UnsupportedError
+from lorapass.onnx import genai
 from lorapass.onnx.load import load_model
 from lorapass.onnx.loss import summary
 from lorapass.onnx.merge import merge
@@ -77,11 +78,14 @@ def strategy_of(rules: LoraRule | RuleSet, strategy: Strategy | None) -> Strateg
 
 def rewrite(model: str | os.PathLike, output: str | os.PathLike, adapter=None,
             rules: str | os.PathLike | LoraRule | RuleSet | None = None, strategy: Strategy | None = None,
-            prefix: str | None = None, allow_pickle: bool = False, progress: bool | None = None) -> RewriteResult:
+            prefix: str | None = None, allow_pickle: bool = False, progress: bool | None = None,
+            aliases: dict[str, str] | None = None) -> RewriteResult:
     """Apply LoRA to the ONNX file ``model`` and write ``output``; the input is never modified.
 
     ``adapter`` is one adapter or a list (an Adapter, a path, or ``PATH:WEIGHT``); several adapters merge as the
     sum of their weighted deltas. ``rules`` select the targets (default: each adapter's own config).
+    ``aliases`` map graph path components to PEFT's (on top of the exporter's dialect and the rules' own).
+    An onnxruntime-genai folder's other files (genai_config.json, tokenizer) are carried to the output's folder.
     """
     adapters = as_adapters(adapter, allow_pickle)
     rule_sets = [_rules(rules, a) for a in adapters] or [_rules(rules, None)]
@@ -91,7 +95,10 @@ def rewrite(model: str | os.PathLike, output: str | os.PathLike, adapter=None,
     if strategy == "dynamic" and len(adapters) > 1:
         raise UnsupportedError("strategy dynamic takes one adapter (export the others with export-adapter and swap them)")
     graph = load_model(model)
-    report = find_sites(graph, prefix=prefix, wanted=[m for a in adapters for m in a.modules])
+    data_files = genai.external_files(graph)
+    aliases = {**_rule_aliases(rule_sets), **dict(aliases or {})}
+    report = find_sites(graph, prefix=prefix, wanted={m: k for a in adapters for m, k in a.modules.items()},
+                        aliases=aliases)
     targets = [t for a, r in zip(adapters or [None], rule_sets) for t in plan(report.sites, r, report.output_heads, a)]
     if strategy == "merge":
         merge(graph, targets)
@@ -100,5 +107,14 @@ def rewrite(model: str | os.PathLike, output: str | os.PathLike, adapter=None,
 
         insert_lora(graph, targets)
     stats = save_model(graph, model, output, progress=progress)  # computes the merged weights (and their losses)
+    genai.carry_folder(Path(model), Path(output), data_files)
     stores = {id(s): s for t in targets for s in t.site.storage.stores}.values()
     return RewriteResult(Path(output), strategy, report, targets, stats, summary([x for s in stores for x in s.losses]))
+
+
+def _rule_aliases(rule_sets: list) -> dict[str, str]:
+    """The ``aliases`` of the rules files (graph components -> PEFT's)."""
+    out: dict[str, str] = {}
+    for rules in rule_sets:
+        out.update(getattr(rules, "aliases", {}) or {})
+    return out

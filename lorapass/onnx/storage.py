@@ -224,7 +224,7 @@ class Joined:
         return self._states[step]
 
     def describe(self) -> str:
-        return f"split over {len(self.parts)} nodes ({', '.join(part.describe() for part in self.parts)})"
+        return ", ".join(part.describe() for part in self.parts)
 
 
 def _apply(store: Store, edits: list[Edit]) -> np.ndarray:
