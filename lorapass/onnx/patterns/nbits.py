@@ -31,9 +31,12 @@ def _why_not(node: ir.Node, blob, scales, zeros, g_idx) -> str | None:
     for index, role, value in ((1, "B", blob), (2, "scales", scales), (3, "zero_points", zeros), (4, "g_idx", g_idx)):
         if _input(node, index) is not None and value is None:
             return f"MatMulNBits whose {role} is not an initializer (computed, or an overridable graph input)"
-    if g_idx is not None and zeros is not None and zeros.const_value.dtype == ir.DataType.UINT8:
-        return ("MatMulNBits with g_idx and packed uint8 zero points: ONNX Runtime's CPU kernel ignores those zero "
-                "points, so the weight it computes is not the one the tensors describe")
+    packed_zeros = zeros is not None and zeros.const_value.dtype == ir.DataType.UINT8
+    if g_idx is not None and (bits != 4 or packed_zeros):
+        return (f"MatMulNBits with g_idx at {bits} bits{' and packed zero points' if packed_zeros else ''}: ONNX "
+                "Runtime's CPU kernel does not compute the op's definition there (it ignores packed zero points; "
+                "other widths reorder differently), so lorapass leaves it; g_idx is read at 4 bits with default or "
+                "float zero points")
     return None
 
 
