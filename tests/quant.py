@@ -63,13 +63,19 @@ def calibration():
 
 
 def qdq_static(src: Path, dst: Path, per_channel: bool) -> Path:
-    """``src`` statically quantized by ORT (QDQ format, int8 weights per tensor or per channel, uint8 activations)."""
+    """``src`` statically quantized by ORT: QDQ format, the linears' int8 weights (per tensor or per channel) and
+    uint8 inputs; their outputs and the activation-by-activation MatMuls of attention stay float (so that PEFT's
+    model, fake-quantizing each linear's input, is the oracle)."""
     from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
 
+    model = onnx.load(str(src))
+    constants = {t.name for t in model.graph.initializer}
+    products = [n.name for n in model.graph.node if n.op_type == "MatMul" and n.input[1] not in constants]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         quantize_static(str(src), str(dst), calibration(), quant_format=QuantFormat.QDQ, per_channel=per_channel,
-                        op_types_to_quantize=["MatMul"], weight_type=QuantType.QInt8, activation_type=QuantType.QUInt8)
+                        op_types_to_quantize=["MatMul"], nodes_to_exclude=products, weight_type=QuantType.QInt8,
+                        activation_type=QuantType.QUInt8, extra_options={"OpTypesToExcludeOutputQuantization": ["MatMul"]})
     return dst
 
 
@@ -84,8 +90,10 @@ def _producers(graph: onnx.GraphProto) -> dict[str, onnx.NodeProto]:
 
 
 def _dequantizer(graph: onnx.GraphProto, node: onnx.NodeProto) -> onnx.NodeProto | None:
+    """The DequantizeLinear of ``node``'s weight (an initializer), if it has one."""
     producer = _producers(graph).get(node.input[1]) if len(node.input) > 1 else None
-    return producer if producer is not None and producer.op_type == "DequantizeLinear" else None
+    constant = producer is not None and producer.input[0] in {t.name for t in graph.initializer}
+    return producer if constant and producer.op_type == "DequantizeLinear" else None
 
 
 def weights(path: Path) -> dict[str, np.ndarray]:
@@ -185,6 +193,15 @@ def fake_quantize(model: torch.nn.Module, grids: dict[str, tuple], where: dict[s
                 return ((q - zero) * scale,)
 
             module.register_forward_pre_hook(hook)
+
+
+def run(path: Path, ids: torch.Tensor) -> np.ndarray:
+    """The graph's output for ``ids`` in ONNX Runtime, computing in float: ORT fuses blocked int4 QDQ into
+    MatMulNBits with int8 activations (accuracy level 4) unless told otherwise."""
+    options = ort.SessionOptions()
+    options.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", "1")
+    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    return session.run(None, {session.get_inputs()[0].name: ids.numpy()})[0]
 
 
 def initializer_bytes(path: Path, names) -> dict[str, bytes]:
