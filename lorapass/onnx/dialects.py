@@ -90,8 +90,9 @@ HF_PACKED = {"phi3": {"qkv_proj": QKV, "gate_up_proj": GATE_UP}}
 TORCH = Dialect("torch", hf_packed=HF_PACKED)
 """torch's exporters (dynamo, TorchScript) and optimum: module paths as torch wrote them."""
 
-GENAI = Dialect("genai", aliases={"attn": "self_attn"}, drop=frozenset({"MatMul"}), packed=PACKED, hf_packed=HF_PACKED)
-"""onnxruntime-genai's model builder: ``/model/layers.N/attn/qkv_proj/MatMul``, ``lm_head.MatMul.weight``."""
+GENAI = Dialect("genai", aliases={"attn": "self_attn"}, drop=frozenset({"MatMul", "Add"}), packed=PACKED, hf_packed=HF_PACKED)
+"""onnxruntime-genai's model builder: ``/model/layers.N/attn/qkv_proj/MatMul``, ``lm_head.MatMul.weight``, biases
+``...qkv_proj.Add.bias`` (the names left where MatMulNBits renamed the weight ``...MatMul.weight_Q4``)."""
 
 DIALECTS = {d.name: d for d in (TORCH, GENAI)}
 
