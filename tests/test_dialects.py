@@ -133,17 +133,19 @@ def test_the_builders_lora_branches_are_never_sites(genai, tmp_path, capsys):
     assert "already have a LoRA branch" in err and "model.layers.0.self_attn.qkv_proj" in err and not dest.exists()
 
 
-def test_a_second_dynamic_rewrite_of_the_same_sites_is_refused(genai, tmp_path):
+def test_lorapass_slots_are_marked_and_never_get_a_second_set(genai, tmp_path, capsys):
     out = genai.build("mistral")
-    first, second = tmp_path / "first" / "model.onnx", tmp_path / "second" / "model.onnx"
-    slots = lambda targets: LoraRule(name="slots", target_modules=targets, r=4, strategy="dynamic")  # noqa: E731
-    rewrite(out / "model.onnx", first, rules=slots(["q_proj", "v_proj"]))
-    rewrite(first, second, rules=slots(["o_proj"]))  # other sites may get slots too
-    records = json.loads(load_model(second).metadata_props["lorapass.lora"])
-    assert sorted(r["path"] for r in records) == ["model.layers.0.self_attn.o_proj", "model.layers.0.self_attn.qkv_proj",
-                                                  "model.layers.1.self_attn.o_proj", "model.layers.1.self_attn.qkv_proj"]
-    with pytest.raises(UnsupportedError, match=r"already have a LoRA branch: model\.layers\.0\.self_attn\.v_proj"):
-        rewrite(second, tmp_path / "third" / "model.onnx", rules=slots(["v_proj"]))
+    first = tmp_path / "first" / "model.onnx"
+    rewrite(out / "model.onnx", first, rules=LoraRule(name="slots", target_modules=["q_proj", "v_proj"], r=4,
+                                                       strategy="dynamic"))
+    report = find_sites(load_model(first))
+    marked = sorted(s.path for s in report.sites if s.lora)
+    assert marked == [f"model.layers.{i}.self_attn.{m}_proj" for i in (0, 1) for m in "qv"]
+    assert main(["inspect", str(first)]) == 0
+    assert "(has LoRA: lorapass slot)" in capsys.readouterr().out
+    with pytest.raises(UnsupportedError, match="already has lorapass dynamic LoRA slots"):
+        rewrite(first, tmp_path / "second" / "model.onnx", strategy="dynamic",
+                rules=LoraRule(name="slots", target_modules=["o_proj"], r=4))
 
 
 def test_genai_folder_carried_with_a_new_model_name(genai, tmp_path):
