@@ -8,27 +8,45 @@ import os
 from pathlib import Path
 
 import numpy as np
-import onnx
+import onnx_ir as ir
 
 from lorapass.adapter import Adapter, load_adapter
+from lorapass.atomic import Transaction
 from lorapass.errors import AdapterError, ModelError
+from lorapass.onnx.load import load_model
 from lorapass.onnx.slots import METADATA_KEY, Slot, from_record
+from lorapass.provenance import input_files
 
-_DTYPES = {onnx.TensorProto.FLOAT: np.float32, onnx.TensorProto.FLOAT16: np.float16}
+_DTYPES = {ir.DataType.FLOAT: np.float32, ir.DataType.FLOAT16: np.float16}
 
 
-def slots_of(model: str | os.PathLike) -> tuple[list[Slot], dict[str, np.dtype]]:
-    """The slots of a dynamic model (from its ``lorapass.lora`` records) and its input dtypes by name."""
-    proto = onnx.load(str(model), load_external_data=False)
-    meta = {p.key: p.value for p in proto.metadata_props}
-    if METADATA_KEY not in meta:
+def slots_of(model: str | os.PathLike, graph: ir.Model | None = None) -> tuple[list[Slot], dict[str, np.dtype]]:
+    """The slots of a dynamic model (rebuilt from its ``lorapass.lora`` records) and its input dtypes by name;
+    ModelError if the records are missing, malformed, or name inputs the graph does not have."""
+    graph = graph if graph is not None else load_model(model)
+    text = graph.metadata_props.get(METADATA_KEY)
+    if text is None:
         raise ModelError(f"{model}: not a lorapass dynamic graph (no {METADATA_KEY!r} metadata)")
-    slots = [from_record(rec) for rec in json.loads(meta[METADATA_KEY])]
-    dtypes = {v.name: np.dtype(_DTYPES.get(v.type.tensor_type.elem_type, np.float32)) for v in proto.graph.input}
+    try:
+        records = json.loads(text)
+    except (ValueError, RecursionError) as exc:
+        raise ModelError(f"{model}: metadata {METADATA_KEY!r} is not valid JSON ({exc})") from None
+    try:
+        if not isinstance(records, list):
+            raise TypeError("not a list")
+        slots = [from_record(rec) for rec in records]
+        names = {i.name for slot in slots for i in slot.inputs()}
+    except (TypeError, KeyError, AttributeError) as exc:
+        raise ModelError(f"{model}: metadata {METADATA_KEY!r} must be a JSON list of slot records ({exc!r})") from None
+    dtypes = {v.name: np.dtype(_DTYPES.get(v.dtype, np.float32)) for v in graph.graph.inputs}
+    missing = sorted(names - set(dtypes))
+    if missing:
+        raise ModelError(f"{model}: metadata {METADATA_KEY!r} lists LoRA inputs the graph does not have: {missing[:4]}")
     return slots, dtypes
 
 
-def adapter_parameters(adapter: Adapter, model: str | os.PathLike, aliases: dict[str, str] | None = None) -> dict[str, np.ndarray]:
+def adapter_parameters(adapter: Adapter, model: str | os.PathLike, graph: ir.Model | None = None,
+                       aliases: dict[str, str] | None = None) -> dict[str, np.ndarray]:
     """The adapter's values for the dynamic graph's slot inputs (each slot says how, and checks the shapes).
 
     Uses the graph's own ``lorapass.lora`` records for which module paths have slots and each adapter module's
@@ -38,9 +56,9 @@ def adapter_parameters(adapter: Adapter, model: str | os.PathLike, aliases: dict
     from lorapass.onnx.dialects import Dialect
 
     rename = Dialect("alias", aliases=aliases or {}).module_path
-    slots, dtypes = slots_of(model)
-    by_path = {rename(path): (slot, path) for slot in slots for path in slot.paths}
-    unknown = [m for m in adapter.modules if m not in by_path]
+    slots, dtypes = slots_of(model, graph)
+    known = {rename(path) for slot in slots for path in slot.paths}
+    unknown = [m for m in adapter.modules if m not in known]
     if unknown:
         names = sorted(i.name for slot in slots for i in slot.inputs())
         raise AdapterError(
@@ -63,16 +81,19 @@ def export_adapter(adapter_dir: str | os.PathLike | Adapter, model: str | os.Pat
     import onnxruntime as ort
 
     adapter = adapter_dir if isinstance(adapter_dir, Adapter) else load_adapter(adapter_dir)
-    params = adapter_parameters(adapter, model, aliases)
+    graph = load_model(model)
+    params = adapter_parameters(adapter, model, graph, aliases)
     fmt = ort.AdapterFormat()
     fmt.set_parameters({k: ort.OrtValue.ortvalue_from_numpy(v) for k, v in params.items()})
-    output = Path(output)
-    tmp = output.with_name(f".{output.name}.tmp-{os.getpid()}")
-    try:
-        fmt.export_adapter(str(tmp))
-        os.replace(tmp, output)
-    finally:
-        tmp.unlink(missing_ok=True)
+    output, model = Path(output), Path(model)
+    data = {model.parent / v.const_value.location for v in graph.graph.initializers.values()
+            if isinstance(v.const_value, ir.ExternalTensor)}
+    with Transaction([output], [model, *data, *input_files([adapter], None)]) as commit:
+        try:
+            fmt.export_adapter(str(commit.temp(output)))
+        except RuntimeError as exc:  # onnxruntime reports I/O failures as RuntimeError
+            raise OSError(f"{output}: onnxruntime could not write the adapter ({exc})") from exc
+        commit.commit()
     return output
 
 

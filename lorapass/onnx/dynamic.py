@@ -43,17 +43,26 @@ class _Graph:
             for node in graph:
                 for sub in _subgraphs(node):
                     self.parents[sub] = graph
+        self.joined: dict[tuple[ir.Graph, str], ir.Value] = {}  # (scope, name) -> its value with LoRA joined
         self.slots: dict[str, tuple[Slot, dict[str, ir.Value]]] = {}
 
-    def value(self, site: Site, name: str) -> ir.Value:
-        """The value ``name`` as the site's node sees it (its own graph first, then the enclosing ones: the
-        branches of an If may reuse one name)."""
+    def _scope(self, site: Site, name: str) -> ir.Graph:
+        """The graph defining ``name`` as the site's node sees it (its own graph first, then the enclosing ones:
+        the branches of an If may reuse one name)."""
         graph = site.storage.node.graph if site.storage is not None else self.graph
-        while graph is not None:
-            if name in self.scopes.get(graph, {}):
-                return self.scopes[graph][name]
+        while graph is not None and name not in self.scopes.get(graph, {}):
             graph = self.parents.get(graph)
-        return self.scopes[self.graph][name]
+        return graph if graph is not None else self.graph
+
+    def base(self, site: Site, name: str) -> ir.Value:
+        """The value ``name`` as the graph had it (before any LoRA was joined)."""
+        return self.scopes[self._scope(site, name)][name]
+
+    def value(self, site: Site, name: str) -> ir.Value:
+        """The value ``name`` with every branch joined so far: a targeted site reading another one's output
+        (``v(q(x))``) reads it with q's LoRA applied."""
+        scope = self._scope(site, name)
+        return self.joined.get((scope, name), self.scopes[scope][name])
 
     def slot(self, targets: list[Target]) -> tuple[Slot, dict[str, ir.Value]]:
         """The slot of a slot path and its graph inputs (role -> value), made once per path."""
@@ -86,8 +95,9 @@ class _Graph:
             self._join(b, site, name, part, f"{site.path}/lora/{i}")
 
     def _join(self, b: Branch, site: Site, name: str, delta: ir.Value, tag: str) -> None:
-        """``y + delta`` in place of ``y``, keeping ``y``'s name where it is a graph output."""
-        y = self.value(site, name)
+        """``y + delta`` in place of ``y``, keeping ``y``'s name where it is a graph output; later lookups of
+        ``name`` give the joined value."""
+        y = self.base(site, name)
         joined = b.op("Add", [y, delta], f"{tag}/Add" if site.joins else f"{site.path}/lora/Add")
         add = joined.producer()
         if y.is_graph_output():
@@ -100,10 +110,11 @@ class _Graph:
         for node, index in list(y.uses()):
             if node is not add:
                 node.replace_input_with(index, joined)
+        self.joined[(self._scope(site, name), name)] = joined
 
     def insert(self, b: Branch, site: Site) -> None:
         """Place the branch's nodes right after the node producing the site's output (in that node's graph)."""
-        producer = self.value(site, site.output).producer()
+        producer = self.base(site, site.output).producer()
         producer.graph.insert_after(producer, b.nodes)
 
 
@@ -150,8 +161,7 @@ def insert_lora(model: ir.Model, targets: list[Target]) -> int:
                 g.join(b, site, slot.branch(b, x, inputs))
                 g.insert(b, site)
     g.graph.sort()  # joins may now feed nodes placed before them
-    records = json.loads(model.metadata_props.get(METADATA_KEY, "[]"))
-    model.metadata_props[METADATA_KEY] = json.dumps(records + [slot.record for slot, _ in g.slots.values()])
+    model.metadata_props[METADATA_KEY] = json.dumps([slot.record for slot, _ in g.slots.values()])
     return len(targets)
 
 

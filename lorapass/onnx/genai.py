@@ -4,8 +4,8 @@ files (genai_config.json, tokenizer, other models), so the output folder loads w
 from __future__ import annotations
 
 import json
-import os
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 import onnx_ir as ir
@@ -20,52 +20,40 @@ def external_files(model: ir.Model) -> set[str]:
             if isinstance(v.const_value, ir.ExternalTensor)}
 
 
-def _decoder(config: dict) -> dict | None:
-    decoder = config.get("model", {}).get("decoder") if isinstance(config.get("model"), dict) else None
+def _decoder(config) -> dict | None:
+    model = config.get("model") if isinstance(config, dict) else None
+    decoder = model.get("decoder") if isinstance(model, dict) else None
     return decoder if isinstance(decoder, dict) else None
 
 
-def is_genai_model(model: Path) -> bool:
-    """Whether ``model`` sits in a genai folder whose genai_config.json names it as the decoder."""
+def _config(model: Path) -> dict | None:
+    """The genai_config.json beside ``model`` if it names ``model`` as its decoder."""
     path = model.parent / CONFIG
-    if not path.is_file():
-        return False
     try:
-        decoder = _decoder(json.loads(path.read_text()))
+        config = json.loads(path.read_text()) if path.is_file() else None
     except (OSError, ValueError):
-        return False
-    return decoder is not None and decoder.get("filename") == model.name
+        return None
+    decoder = _decoder(config)
+    return config if decoder is not None and decoder.get("filename") == model.name else None
 
 
-def carry_folder(source: Path, output: Path, skip: set[str]) -> list[Path]:
-    """Copy the genai folder of ``source`` beside ``output`` (every file but the model and ``skip``, its external
-    data), naming ``output`` as the decoder in the copied genai_config.json; returns the files written.
-    Nothing is done unless ``source`` is a genai folder's decoder in another folder than ``output``'s."""
-    source, output = Path(source), Path(output)
-    if not is_genai_model(source) or source.parent.resolve() == output.parent.resolve():
-        return []
-    written = []
-    skip = skip | {source.name, output.name, f"{output.name}.data"}  # never over the output just written
-    for item in sorted(source.parent.iterdir()):
-        if item.name in skip or item.name.startswith("."):
+def companions(source: Path, output: Path, skip: set[str]) -> dict[Path, Callable[[Path], None]]:
+    """The files of ``source``'s genai folder to write beside ``output`` (output path -> writer of a temporary):
+    every file but the model and ``skip`` (its external data), the genai_config.json naming ``output`` as the
+    decoder. Empty unless ``source`` is a genai folder's decoder and ``output`` goes to another folder."""
+    config = _config(source)
+    if config is None or source.parent.resolve() == output.parent.resolve():
+        return {}
+    _decoder(config)["filename"] = output.name
+    text = json.dumps(config, indent=4)
+    skip = skip | {source.name, output.name, f"{output.name}.data"}  # never over the output's own files
+    out: dict[Path, Callable[[Path], None]] = {}
+    for item in sorted(source.parent.rglob("*")):
+        name = item.relative_to(source.parent)
+        if not item.is_file() or str(name) in skip or any(part.startswith(".") for part in name.parts):
             continue
-        target = output.parent / item.name
-        if item.name == CONFIG:
-            config = json.loads(item.read_text())
-            _decoder(config)["filename"] = output.name
-            _write(target, lambda tmp, text=json.dumps(config, indent=4): tmp.write_text(text))
-        elif item.is_dir():
-            shutil.copytree(item, target, dirs_exist_ok=True)
+        if str(name) == CONFIG:
+            out[output.parent / name] = lambda tmp: tmp.write_text(text)
         else:
-            _write(target, lambda tmp, item=item: shutil.copy2(item, tmp))
-        written.append(target)
-    return written
-
-
-def _write(target: Path, make) -> None:
-    tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
-    try:
-        make(tmp)
-        os.replace(tmp, target)
-    finally:
-        tmp.unlink(missing_ok=True)
+            out[output.parent / name] = lambda tmp, item=item: shutil.copyfile(item, tmp)
+    return out

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
+from lorapass import provenance
 from lorapass.adapter import Adapter, load_adapter
 from lorapass.errors import RuleError, UnsupportedError
 from lorapass.onnx import genai
@@ -79,14 +80,17 @@ def strategy_of(rules: LoraRule | RuleSet, strategy: Strategy | None) -> Strateg
 def rewrite(model: str | os.PathLike, output: str | os.PathLike, adapter=None,
             rules: str | os.PathLike | LoraRule | RuleSet | None = None, strategy: Strategy | None = None,
             prefix: str | None = None, allow_pickle: bool = False, progress: bool | None = None,
-            aliases: dict[str, str] | None = None) -> RewriteResult:
+            force: bool = False, aliases: dict[str, str] | None = None) -> RewriteResult:
     """Apply LoRA to the ONNX file ``model`` and write ``output``; the input is never modified.
 
     ``adapter`` is one adapter or a list (an Adapter, a path, or ``PATH:WEIGHT``); several adapters merge as the
-    sum of their weighted deltas. ``rules`` select the targets (default: each adapter's own config).
-    ``aliases`` map graph path components to PEFT's (on top of the exporter's dialect and the rules' own).
-    An onnxruntime-genai folder's other files (genai_config.json, tokenizer) are carried to the output's folder.
+    sum of their weighted deltas. ``rules`` select the targets (default: each adapter's own config). The output
+    records what was applied (:mod:`lorapass.provenance`); applying LoRA to a graph that already has lorapass
+    slots, or merging the same adapter twice, is refused unless ``force``. ``aliases`` map graph path components
+    to PEFT's (on top of the exporter's dialect and the rules' own). An onnxruntime-genai folder's other files
+    (genai_config.json, tokenizer) are written beside the output, in the same all-or-nothing commit.
     """
+    rules_file = rules if isinstance(rules, (str, os.PathLike)) else None
     adapters = as_adapters(adapter, allow_pickle)
     rule_sets = [_rules(rules, a) for a in adapters] or [_rules(rules, None)]
     strategy = strategy_of(rule_sets[0], strategy)
@@ -100,15 +104,16 @@ def rewrite(model: str | os.PathLike, output: str | os.PathLike, adapter=None,
     report = find_sites(graph, prefix=prefix, wanted={m: k for a in adapters for m, k in a.modules.items()},
                         aliases=aliases)
     targets = [t for a, r in zip(adapters or [None], rule_sets) for t in plan(report.sites, r, report.output_heads, a)]
+    provenance.stamp(graph, model, adapters, strategy, targets, force, rules_file)
     if strategy == "merge":
         merge(graph, targets)
     else:
         from lorapass.onnx.dynamic import insert_lora
 
         insert_lora(graph, targets)
-    stats = save_model(graph, model, output, progress=progress)  # computes the merged weights (and their losses)
-    genai.carry_folder(Path(model), Path(output), data_files)
-    stores = {id(s): s for t in targets for s in t.site.storage.stores}.values()
+    stats = save_model(graph, model, output, progress=progress, inputs=provenance.input_files(adapters, rules_file),
+                       companions=genai.companions(Path(model), Path(output), data_files))  # computes merged weights
+    stores = {id(s): s for t in targets for s in t.site.storage.stores}.values()  # ... and records their losses
     return RewriteResult(Path(output), strategy, report, targets, stats, summary([x for s in stores for x in s.losses]))
 
 

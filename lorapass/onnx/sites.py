@@ -103,11 +103,11 @@ def _share_stores(matches: list[Match]) -> None:
         m.storage.store = stores.setdefault(m.storage.store.identity(), m.storage.store)
 
 
-def _existing_lora(model: ir.Model, branches: list[Branch]) -> tuple[dict[str, str], set[str]]:
-    """(joined value name -> branch nodes) from A/B MatMuls in the graph, and the paths of lorapass's own slots."""
-    joined: dict[str, list[str]] = {}
+def _existing_lora(model: ir.Model, branches: list[Branch]) -> tuple[dict[ir.Value, str], set[str]]:
+    """(joined value -> its branch's first node) from A/B MatMuls in the graph, and lorapass's own slot paths."""
+    joined: dict[ir.Value, str] = {}
     for b in branches:
-        joined.setdefault(b.joins.name or "", []).append(b.node.name or b.node.op_type)
+        joined.setdefault(b.joins, f"branch {b.node.name or b.node.op_type}")
     records = model.metadata_props.get(METADATA_KEY)
     paths: set[str] = set()
     if records:
@@ -117,7 +117,7 @@ def _existing_lora(model: ir.Model, branches: list[Branch]) -> tuple[dict[str, s
                 paths.update(part["path"] for part in record.get("parts", []))
         except (ValueError, TypeError, KeyError) as exc:
             raise ModelError(f"model metadata {METADATA_KEY!r} is not a list of slot records ({exc})") from exc
-    return {k: ", ".join(v) for k, v in joined.items()}, paths
+    return joined, paths
 
 
 def find_sites(model: ir.Model, prefix: str | None = None, wanted: Collection[str] = (),
@@ -186,7 +186,7 @@ def find_sites(model: ir.Model, prefix: str | None = None, wanted: Collection[st
                 module_class=naming.module_class(m.node),
                 kind=m.kind,
                 dialect=dialect.name,
-                lora=joined.get(m.output.name or ""),
+                lora=joined.get(m.output),
                 storage=m.storage,
             )
         )
