@@ -227,3 +227,41 @@ def test_quantized_ops_lorapass_cannot_adapt_are_listed(exported, tmp_path, caps
         assert main(["inspect", str(tmp_path / "odd.onnx")]) == 0
         out = capsys.readouterr().out
         assert "/lin/MatMul_Q4" in out and why in out and "0 sites" in out
+
+
+def test_shared_quantized_tensors_are_copied_on_write(tmp_path):
+    """A DequantizeLinear weight read by two linears, and a scale / zero point two weights share: merging one
+    linear gives it its own tensors (in the layout it reads); the other keeps the original, byte for byte."""
+    rng = np.random.default_rng(3)
+    k = 32
+    q = [helper.make_tensor(f"W{i}", TensorProto.INT8, (k, N), rng.integers(-128, 128, (k, N)).reshape(-1).tolist()) for i in (0, 1)]
+    inits = q + [numpy_helper.from_array(np.float32(0.02), "S"), helper.make_tensor("Z", TensorProto.INT8, (), [3])]
+    nodes = [helper.make_node("DequantizeLinear", ["W0", "S", "Z"], ["D0"], "/dq0"),
+             helper.make_node("DequantizeLinear", ["W1", "S", "Z"], ["D1"], "/dq1"),
+             helper.make_node("Transpose", ["D0"], ["T0"], "/shared/Transpose", perm=[1, 0]),
+             helper.make_node("MatMul", ["A", "D0"], ["Ya"], "/a/MatMul"),  # a and b read the same weight
+             helper.make_node("Gemm", ["A", "T0"], ["Yb"], "/b/Gemm", transB=1),
+             helper.make_node("MatMul", ["A", "D1"], ["Yc"], "/c/MatMul"),  # c shares only the scale and zero point
+             helper.make_node("Concat", ["Ya", "Yb", "Yc"], ["Y"], "/cat", axis=-1)]
+    path = tmp_path / "shared.onnx"
+    model = _model(nodes, inits, k)
+    onnx.save(model, str(path))
+    graph = load_model(path)
+    sites = {s.path: s for s in find_sites(graph).sites}
+    assert set(sites) == {"a", "b", "c"} and sites["a"].storage.store is sites["b"].storage.store
+    before = _ort_weight(model, k)  # [3N, K]: a, b, c stacked
+    up, down = rng.standard_normal((N, 1)).astype(np.float32) * 0.3, rng.standard_normal((1, k)).astype(np.float32)
+    for path_ in ("a", "c"):
+        sites[path_].storage.add(up, down)
+    commit([sites["a"].storage.store, sites["c"].storage.store], graph.graph)
+    save_model(graph, path, tmp_path / "merged.onnx", progress=False)
+    merged = onnx.load(str(tmp_path / "merged.onnx"))
+    after = _ort_weight(merged, k)
+    rows = {name: slice(i * N, (i + 1) * N) for i, name in enumerate("abc")}
+    np.testing.assert_allclose(after[rows["b"]], before[rows["b"]], rtol=0, atol=1e-6)  # b reads the original weight
+    for name in "ac":
+        kept = 1 - np.linalg.norm(after[rows[name]] - before[rows[name]] - up @ down) / np.linalg.norm(up @ down)
+        assert kept > 0.5
+    stored = {t.name: numpy_helper.to_array(t) for t in merged.graph.initializer}
+    assert stored["S"] == np.float32(0.02) and stored["Z"] == 3
+    assert [n.input[:] for n in merged.graph.node if n.name == "/dq0"] == [["W0", "S", "Z"]]

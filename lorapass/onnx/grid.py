@@ -34,9 +34,10 @@ def dequantize(q: np.ndarray, scale: np.ndarray, zero: np.ndarray) -> np.ndarray
 
 
 def _round(w: np.ndarray, scale: np.ndarray, zero: np.ndarray, grid: Grid) -> np.ndarray:
-    safe = np.where(scale == 0, 1, scale)[:, None]
-    q = np.rint(np.nan_to_num(w) / safe + zero[:, None])
-    q = np.where(scale[:, None] == 0, np.rint(zero)[:, None], q)
+    """float32 integers: w rounded onto the grids (a zero scale holds only the zero point)."""
+    safe = np.where(scale == 0, 1, scale).astype(np.float32)[:, None]
+    q = np.rint(np.nan_to_num(w) / safe + zero.astype(np.float32)[:, None])
+    q = np.where(scale[:, None] == 0, np.rint(zero).astype(np.float32)[:, None], q)
     return np.clip(q, grid.qmin, grid.qmax)
 
 
@@ -61,7 +62,9 @@ def _refit(w: np.ndarray, zero: np.ndarray, grid: Grid) -> tuple[np.ndarray, np.
 
 
 def _error(w: np.ndarray, q: np.ndarray, scale: np.ndarray, zero: np.ndarray) -> np.ndarray:
-    return np.nansum((dequantize(q, scale, zero).astype(np.float64) - w) ** 2, axis=1)
+    """Squared rounding error per group (float32 elements, float64 sums; NaN padding ignored)."""
+    d = dequantize(q, scale, zero) - w
+    return np.nansum(d * d, axis=1, dtype=np.float64)
 
 
 def requantize(w: np.ndarray, scale: np.ndarray, zero: np.ndarray, grid: Grid) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

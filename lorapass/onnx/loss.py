@@ -41,10 +41,14 @@ def measure(name: str, edits: list, base: np.ndarray, merged: np.ndarray, back: 
             continue
         seen.add((edit.path, rows))
         block = slice(*rows)
-        delta = merged[block].astype(np.float64) - base[block]
-        error = back[block].astype(np.float64) - merged[block]
-        out.append(Loss(edit.path or name, name, float(np.linalg.norm(delta)), float(np.linalg.norm(error))))
+        out.append(Loss(edit.path or name, name, _norm(merged[block] - base[block]), _norm(back[block] - merged[block])))
     return out
+
+
+def _norm(x: np.ndarray) -> float:
+    """Frobenius norm of a float32 array, accumulated in float64 (no float64 copy of a large weight)."""
+    flat = x.reshape(-1)
+    return float(np.sqrt(np.einsum("i,i->", flat, flat, dtype=np.float64)))
 
 
 def summary(losses: list[Loss]) -> dict | None:

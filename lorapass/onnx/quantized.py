@@ -7,6 +7,7 @@ write of a weight reads back as.
 
 from __future__ import annotations
 
+from abc import abstractmethod
 from collections.abc import Callable
 
 import numpy as np
@@ -51,25 +52,25 @@ class Quantized(Store):
         self.base = {role: v.const_value for role, v in tensors.items()}  # the stored tensors before any write
         self._memo: tuple[np.ndarray, Arrays] | None = None
 
+    @abstractmethod
     def _state(self, arrays: Arrays) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(q [G, L], scale [G], zero [G]) as float arrays from the stored ``arrays``."""
-        raise NotImplementedError
 
+    @abstractmethod
     def _groups(self, w: np.ndarray) -> np.ndarray:
         """Torch-layout [out, in] float weights -> [G, L] (NaN pads short groups)."""
-        raise NotImplementedError
 
+    @abstractmethod
     def _ungroup(self, g: np.ndarray) -> np.ndarray:
         """[G, L] -> torch-layout [out, in] (inverse of ``_groups``)."""
-        raise NotImplementedError
 
+    @abstractmethod
     def _stored(self, arrays: Arrays, q: np.ndarray, scale: np.ndarray, zero: np.ndarray) -> Arrays:
         """New (q, scale, zero) as arrays to store, in the shapes and dtypes of the stored ``arrays``."""
-        raise NotImplementedError
 
+    @abstractmethod
     def _rewire(self, node: ir.Node, new: dict[str, ir.Value]) -> None:
         """Make ``node`` compute with the initializers ``new`` (role -> value) in place of this store's."""
-        raise NotImplementedError
 
     def _decoders(self) -> set[ir.Node]:
         """The nodes that read this store's tensors directly (the MatMulNBits, or the DequantizeLinear)."""
@@ -114,33 +115,26 @@ class Quantized(Store):
 
     def write(self, compute: Callable[[], np.ndarray], low_rank: LowRank | None) -> None:
         encoded = self._lazy(compute)
+        decoders = self._decoders()
         for role, value in self.tensors.items():
-            original = self.base[role]
-            if any(node not in self._decoders() for node in value.consumers()):  # a scale tensor other weights read
-                value = self._own(role, value)
-            else:
+            original, make = self.base[role], (lambda role=role: encoded()[role])
+            if all(node in decoders for node in value.consumers()):
+                value.const_value = ir.LazyTensor(lambda make=make, name=value.name: ir.Tensor(make(), name=name),
+                                                  original.dtype, original.shape, name=value.name)
                 value.meta[REPLACES] = original
-            value.const_value = ir.LazyTensor(lambda role=role, name=value.name: ir.Tensor(encoded()[role], name=name),
-                                              original.dtype, original.shape, name=value.name)
+                continue
+            # a scale or zero point tensor that other weights' nodes read too: this weight's nodes get their own
+            graph = next(iter(decoders)).graph
+            own = _initializer(graph, f"{value.name}.{self.name}", original, make)
+            for node in decoders:
+                for i, v in enumerate(node.inputs):
+                    if v is value:
+                        node.replace_input_with(i, own)
 
     def write_copy(self, graph: ir.Graph, node: ir.Node, compute: Callable[[], np.ndarray], name: str) -> None:
         encoded = self._lazy(compute)
         self._rewire(node, {role: _initializer(graph, f"{name}.{role}", self.base[role], lambda role=role: encoded()[role])
                             for role in self.tensors})
-
-    def _own(self, role: str, shared: ir.Value) -> ir.Value:
-        """A new initializer for this store's decoders in place of ``shared``, which other nodes read too."""
-        decoders = self._decoders()
-        graph = next(iter(decoders)).graph
-        tensor = self.base[role]
-        own = ir.Value(name=unique_name(graph, f"{shared.name}.{self.name}"), shape=ir.Shape(list(tensor.shape)),
-                       type=ir.TensorType(tensor.dtype))
-        graph.register_initializer(own)
-        for node in decoders:
-            for i, v in enumerate(node.inputs):
-                if v is shared:
-                    node.replace_input_with(i, own)
-        return own
 
 
 def _initializer(graph: ir.Graph, name: str, like: ir.TensorProtocol, make: Callable[[], np.ndarray]) -> ir.Value:
