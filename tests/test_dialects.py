@@ -181,3 +181,19 @@ def test_a_split_module_is_edited_as_one_weight(genai):
     after = np.concatenate([view.store.value.const_value.numpy().T for view in site.storage.parts])
     expected = (before + up @ down) / np.abs(before + up @ down).max()
     np.testing.assert_allclose(after, expected, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("family,extra", [("llama", {}), ("phi3", {"fuse_qkv": "false"})], ids=["packed", "split"])
+def test_verify_merges_packed_and_split_sites_independently(genai, tmp_path, family, extra):
+    from genai import feeds
+    from lorapass.verify import verify
+
+    model, _ = genai.model(family)
+    make_adapter(model, tmp_path / "ad", r=4, lora_alpha=2, target_modules="all-linear")
+    base = genai.build(family, **extra) / "model.onnx"
+    inputs = feeds(base, PROMPT)
+    for strategy in ("merge", "dynamic"):
+        out = tmp_path / strategy / "model.onnx"
+        rewrite(base, out, adapter=str(tmp_path / "ad"), strategy=strategy)
+        report = verify(base, out, tmp_path / "ad", inputs=inputs)
+        assert report.passed and all(o.changed_from_base > 1e-2 for o in report.outputs if o.name == "logits")
