@@ -257,6 +257,8 @@ def kv_decode_int4_case(quick: bool, rounds: int | None, blocks: int | None) -> 
             "int4_base_over_fp32_base": round(med["base"] / med["fp32_base"], 3),
             "int4_overhead_minus_fp32_overhead": round(int4_over - fp32_over, 3),
             "lora_ms_int4_vs_fp32": [round(med["dynamic"] - med["base"], 3), round(med["fp32_dynamic"] - med["fp32_base"], 3)],
+            "min_int4_dynamic_over_int4_base": result["min_over_base"]["dynamic"],
+            "min_fp32_dynamic_over_fp32_base": round(result["min_over_base"]["fp32_dynamic"] / result["min_over_base"]["fp32_base"], 3),
             "targets_met": {"int4_dynamic_over_int4_base": int4_over <= INT4_TARGETS["int4_dynamic_over_int4_base"]}}
 
 

@@ -272,7 +272,8 @@ def _float_weight(proto: onnx.ModelProto, node: onnx.NodeProto, w: np.ndarray, t
                                                                      name=f"{node.name}/bias"))
         return
     trans_b = node.op_type == "Gemm" and any(att.name == "transB" and att.i == 1 for att in node.attribute)
-    proto.graph.initializer.append(numpy_helper.from_array(np.ascontiguousarray(w if trans_b else w.T).astype(dtype), name))
+    stored = np.ascontiguousarray(w if trans_b else w.T).astype(dtype)
+    proto.graph.initializer.append(numpy_helper.from_array(stored, name))
     node.input[1] = name
 
 

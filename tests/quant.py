@@ -204,7 +204,12 @@ def run(path: Path, ids: torch.Tensor) -> np.ndarray:
     return session.run(None, {session.get_inputs()[0].name: ids.numpy()})[0]
 
 
-def initializer_bytes(path: Path, names) -> dict[str, bytes]:
-    """The raw stored bytes of initializers (for byte-for-byte comparisons)."""
+def quantized_bytes(path: Path, names: set[str] | None = None) -> dict[str, bytes]:
+    """The stored bytes of the quantized weights' tensors (MatMulNBits B / scales / zero points, DequantizeLinear
+    inputs), or of the initializers ``names``, for byte-for-byte comparisons."""
     model = onnx.load(str(path))
-    return {t.name: numpy_helper.to_array(t).tobytes() for t in model.graph.initializer if t.name in set(names)}
+    if names is None:
+        weights_ = {n for node in model.graph.node if node.op_type == "MatMulNBits" for n in node.input[1:4]}
+        weights_ |= {n for node in model.graph.node if node.op_type == "DequantizeLinear" for n in node.input}
+        names = weights_ & {t.name for t in model.graph.initializer}
+    return {t.name: numpy_helper.to_array(t).tobytes() for t in model.graph.initializer if t.name in names}

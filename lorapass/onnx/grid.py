@@ -1,10 +1,10 @@
 """Group-wise integer quantization: ``W = (q - zero_point) * scale`` per group, read and requantized.
 
-Every quantized store (:mod:`lorapass.onnx.quantized`) lays its weight out as groups (rows of a [G, L] array,
-NaN where a group is shorter than L) with one scale and one zero point each, so one requantizer serves them all.
-Requantizing a merged weight keeps each group's grid (its scale and zero point) and rounds the new values onto
-it, unless refitting the group's grid to its new range, as a quantizer would, has a smaller error (a delta that
-pushes values past the grid's ends); the choice is made per group.
+Every quantized store (:mod:`lorapass.onnx.quantized`) lays its weight out as groups (rows of a [G, L] array, zero
+where a group is shorter than L: every grid holds zero) with one scale and one zero point each, so one
+requantizer serves them all. Requantizing a merged weight keeps each group's grid (its scale and zero point) and
+rounds the new values onto it; a group whose values fall outside its grid is refitted to its new range, as a
+quantizer would, where that rounds it with less error.
 """
 
 from __future__ import annotations
@@ -30,30 +30,30 @@ class Grid:
 
 def dequantize(q: np.ndarray, scale: np.ndarray, zero: np.ndarray) -> np.ndarray:
     """[G, L] float32 weights from integers ``q`` [G, L] and per-group ``scale``, ``zero`` [G]."""
-    return ((q.astype(np.float32) - zero.astype(np.float32)[:, None]) * scale.astype(np.float32)[:, None]).astype(np.float32)
+    return (q.astype(np.float32) - zero.astype(np.float32)[:, None]) * scale.astype(np.float32)[:, None]
+
+
+def _scaled(w: np.ndarray, scale: np.ndarray, zero: np.ndarray) -> np.ndarray:
+    """w / scale + zero (a zero scale maps everything to its zero point)."""
+    safe = np.where(scale == 0, 1, scale).astype(np.float32)[:, None]
+    return np.where(scale[:, None] == 0, zero.astype(np.float32)[:, None], w / safe + zero.astype(np.float32)[:, None])
 
 
 def _round(w: np.ndarray, scale: np.ndarray, zero: np.ndarray, grid: Grid) -> np.ndarray:
-    """float32 integers: w rounded onto the grids (a zero scale holds only the zero point)."""
-    safe = np.where(scale == 0, 1, scale).astype(np.float32)[:, None]
-    q = np.rint(np.nan_to_num(w) / safe + zero.astype(np.float32)[:, None])
-    q = np.where(scale[:, None] == 0, np.rint(zero).astype(np.float32)[:, None], q)
-    return np.clip(q, grid.qmin, grid.qmax)
+    return np.clip(np.rint(_scaled(w, scale, zero)), grid.qmin, grid.qmax)
 
 
 def _refit(w: np.ndarray, zero: np.ndarray, grid: Grid) -> tuple[np.ndarray, np.ndarray]:
     """The smallest grid covering each group's range (with the group's zero point, when symmetric)."""
-    low = np.minimum(np.nanmin(w, axis=1), 0).astype(np.float64)
-    high = np.maximum(np.nanmax(w, axis=1), 0).astype(np.float64)
+    low = np.minimum(w.min(axis=1), 0).astype(np.float64)
+    high = np.maximum(w.max(axis=1), 0).astype(np.float64)
     if grid.symmetric:
-        z = zero.astype(np.float64)
-        up, down = grid.qmax - z, grid.qmin - z  # integer steps above and below the zero point
+        up, down = grid.qmax - zero, grid.qmin - zero  # integer steps above and below the zero point
         with np.errstate(divide="ignore", invalid="ignore"):
             positive = np.maximum(np.where(up > 0, high / up, np.inf), np.where(down < 0, low / down, np.inf))
             negative = np.maximum(np.where(down < 0, high / -down, np.inf), np.where(up > 0, low / -up, np.inf))
         scale = np.where(grid.signed_scale & (negative < positive), -negative, positive)
-        scale = np.where(np.isfinite(scale), scale, 0.0)
-        return scale.astype(grid.scale_dtype), zero
+        return np.where(np.isfinite(scale), scale, 0.0).astype(grid.scale_dtype), zero
     scale = ((high - low) / (grid.qmax - grid.qmin)).astype(grid.scale_dtype)
     with np.errstate(divide="ignore", invalid="ignore"):
         z = np.where(scale == 0, zero, grid.qmin - low / scale.astype(np.float64))
@@ -62,17 +62,25 @@ def _refit(w: np.ndarray, zero: np.ndarray, grid: Grid) -> tuple[np.ndarray, np.
 
 
 def _error(w: np.ndarray, q: np.ndarray, scale: np.ndarray, zero: np.ndarray) -> np.ndarray:
-    """Squared rounding error per group (float32 elements, float64 sums; NaN padding ignored)."""
+    """Squared rounding error per group (float32 elements, float64 sums)."""
     d = dequantize(q, scale, zero) - w
-    return np.nansum(d * d, axis=1, dtype=np.float64)
+    return np.einsum("gl,gl->g", d, d, dtype=np.float64)
 
 
-def requantize(w: np.ndarray, scale: np.ndarray, zero: np.ndarray, grid: Grid) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(q, scale, zero) for float weights ``w`` [G, L] (NaN: padding) on ``grid``: each group keeps its scale and
-    zero point, or gets the refitted ones where those round ``w`` with less error."""
-    kept = _round(w, scale, zero, grid)
-    fit_scale, fit_zero = _refit(w, zero, grid)
-    fitted = _round(w, fit_scale, fit_zero, grid)
-    better = _error(w, fitted, fit_scale, fit_zero) < _error(w, kept, scale, zero)
-    q = np.where(better[:, None], fitted, kept)
-    return q, np.where(better, fit_scale, scale).astype(scale.dtype), np.where(better, fit_zero, zero).astype(zero.dtype)
+def requantize(w: np.ndarray, scale: np.ndarray, zero: np.ndarray,
+               grid: Grid) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(q, scale, zero) for float32 weights ``w`` [G, L] on ``grid``: every group keeps its scale and zero point;
+    a group with values outside its grid (or a zero scale) gets the refitted ones where those round it better."""
+    raw = _scaled(w, scale, zero)
+    q = np.clip(np.rint(raw), grid.qmin, grid.qmax)
+    outside = ((raw < grid.qmin - 0.5) | (raw > grid.qmax + 0.5)).any(axis=1) | ((scale == 0) & (w != 0).any(axis=1))
+    groups = np.flatnonzero(outside)
+    scale, zero = scale.copy(), zero.copy()
+    if groups.size:
+        part = w[groups]
+        fit_scale, fit_zero = _refit(part, zero[groups], grid)
+        fitted = _round(part, fit_scale, fit_zero, grid)
+        better = _error(part, fitted, fit_scale, fit_zero) < _error(part, q[groups], scale[groups], zero[groups])
+        chosen = groups[better]
+        q[chosen], scale[chosen], zero[chosen] = fitted[better], fit_scale[better], fit_zero[better]
+    return q, scale, zero

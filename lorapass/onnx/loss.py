@@ -41,7 +41,8 @@ def measure(name: str, edits: list, base: np.ndarray, merged: np.ndarray, back: 
             continue
         seen.add((edit.path, rows))
         block = slice(*rows)
-        out.append(Loss(edit.path or name, name, _norm(merged[block] - base[block]), _norm(back[block] - merged[block])))
+        delta, error = _norm(merged[block] - base[block]), _norm(back[block] - merged[block])
+        out.append(Loss(edit.path or name, name, delta, error))
     return out
 
 
@@ -62,13 +63,13 @@ def summary(losses: list[Loss]) -> dict | None:
         acc[1] += loss.error ** 2
     delta = math.sqrt(sum(d for d, _ in sites.values()))
     error = math.sqrt(sum(e for _, e in sites.values()))
-    per_site = {path: {"kept": _kept(math.sqrt(d), math.sqrt(e)), "delta_norm": math.sqrt(d), "error_norm": math.sqrt(e)}
-                for path, (d, e) in sites.items()}
+    per_site = {path: {"kept": _kept(math.sqrt(d), math.sqrt(e)), "delta_norm": math.sqrt(d),
+                       "error_norm": math.sqrt(e)} for path, (d, e) in sites.items()}
     kept = _kept(delta, error)
     low = sum(s["kept"] < WARN_BELOW for s in per_site.values())
     warning = None
     if kept < WARN_BELOW:
-        warning = (f"merging into the quantized weights keeps {kept:.0%} of the adapter's delta ({low} of {len(per_site)} "
-                   "site(s) keep under half): requantization rounds the rest away; --strategy dynamic applies the "
-                   "adapter exactly beside the quantized weights")
+        warning = (f"merging into the quantized weights keeps {kept:.0%} of the adapter's delta ({low} of "
+                   f"{len(per_site)} site(s) keep under half): requantization rounds the rest away; --strategy "
+                   "dynamic applies the adapter exactly beside the quantized weights")
     return {"delta_kept": kept, "delta_norm": delta, "error_norm": error, "sites": per_site, "warning": warning}

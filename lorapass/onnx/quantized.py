@@ -58,7 +58,7 @@ class Quantized(Store):
 
     @abstractmethod
     def _groups(self, w: np.ndarray) -> np.ndarray:
-        """Torch-layout [out, in] float weights -> [G, L] (NaN pads short groups)."""
+        """Torch-layout [out, in] float weights -> [G, L] (zero pads short groups)."""
 
     @abstractmethod
     def _ungroup(self, g: np.ndarray) -> np.ndarray:
@@ -133,8 +133,8 @@ class Quantized(Store):
 
     def write_copy(self, graph: ir.Graph, node: ir.Node, compute: Callable[[], np.ndarray], name: str) -> None:
         encoded = self._lazy(compute)
-        self._rewire(node, {role: _initializer(graph, f"{name}.{role}", self.base[role], lambda role=role: encoded()[role])
-                            for role in self.tensors})
+        self._rewire(node, {role: _initializer(graph, f"{name}.{role}", self.base[role],
+                                               lambda role=role: encoded()[role]) for role in self.tensors})
 
 
 def _initializer(graph: ir.Graph, name: str, like: ir.TensorProtocol, make: Callable[[], np.ndarray]) -> ir.Value:
@@ -168,8 +168,9 @@ class MatMulNBits(Quantized):
         self.k, self.n, self.block = attrs["K"].as_int(), attrs["N"].as_int(), attrs["block_size"].as_int()
         self.bits = attrs["bits"].as_int() if "bits" in attrs else 4
         self.blocks = -(-self.k // self.block)
-        groups = values(g_idx.const_value).astype(np.int64).reshape(-1) if g_idx is not None else np.arange(self.k) // self.block
-        self.index = _group_index(groups, self.blocks)
+        # with g_idx, each block's members by position; without, blocks are consecutive runs of K (reshapes)
+        self.index = None if g_idx is None else _group_index(values(g_idx.const_value).astype(np.int64).reshape(-1),
+                                                             self.blocks)
         self.packed_zeros = zeros is not None and zeros.const_value.dtype == ir.DataType.UINT8
         grid = Grid(0, (1 << self.bits) - 1, symmetric=zeros is None, signed_scale=True,
                     float_zero=zeros is not None and not self.packed_zeros,
@@ -178,7 +179,8 @@ class MatMulNBits(Quantized):
         super().__init__(blob.name or "", (self.n, self.k), tensors, grid)
 
     def describe(self) -> str:
-        zeros = "packed zero points" if self.packed_zeros else "float zero points" if "zeros" in self.tensors else "symmetric"
+        zeros = ("packed zero points" if self.packed_zeros else "float zero points" if "zeros" in self.tensors
+                 else "symmetric")
         return f"MatMulNBits int{self.bits}, blocks of {self.block}, {zeros}"
 
     def _ints(self, arrays: Arrays, role: str) -> np.ndarray:
@@ -196,10 +198,16 @@ class MatMulNBits(Quantized):
         return q, scale, zero
 
     def _groups(self, w: np.ndarray) -> np.ndarray:
-        padded = np.concatenate([w.astype(np.float32), np.full((self.n, 1), np.nan, np.float32)], axis=1)
+        w = w.astype(np.float32, copy=False)
+        if self.index is None:
+            pad = self.blocks * self.block - self.k
+            return (np.pad(w, ((0, 0), (0, pad))) if pad else w).reshape(self.n * self.blocks, self.block)
+        padded = np.concatenate([w, np.zeros((self.n, 1), np.float32)], axis=1)
         return padded[:, self.index].reshape(self.n * self.blocks, -1)
 
     def _ungroup(self, g: np.ndarray) -> np.ndarray:
+        if self.index is None:
+            return g.reshape(self.n, -1)[:, :self.k]
         out = np.empty((self.n, self.k + 1), g.dtype)
         out[:, self.index] = g.reshape(self.n, self.blocks, -1)
         return out[:, :self.k]
@@ -268,7 +276,7 @@ class DequantizeLinear(Quantized):
             return np.moveaxis(s, self.axis, 0).reshape(s.shape[self.axis], -1)
         moved = np.moveaxis(s, self.axis, -1).astype(np.float32)
         blocks = -(-moved.shape[1] // self.block)
-        pad = np.full((moved.shape[0], blocks * self.block - moved.shape[1]), np.nan, np.float32)
+        pad = np.zeros((moved.shape[0], blocks * self.block - moved.shape[1]), np.float32)
         return np.concatenate([moved, pad], axis=1).reshape(-1, self.block)
 
     def _stored_ungroup(self, g: np.ndarray) -> np.ndarray:
@@ -303,7 +311,8 @@ class DequantizeLinear(Quantized):
         return q, scale, zero
 
     def _stored(self, arrays: Arrays, q: np.ndarray, scale: np.ndarray, zero: np.ndarray) -> Arrays:
-        out = {"q": self._stored_ungroup(q).astype(arrays["q"].dtype), "scales": self._as_stored(scale, arrays["scales"])}
+        out = {"q": self._stored_ungroup(q).astype(arrays["q"].dtype),
+               "scales": self._as_stored(scale, arrays["scales"])}
         if "zeros" in arrays:
             out["zeros"] = self._as_stored(zero, arrays["zeros"])
         return out
