@@ -55,10 +55,13 @@ class VerifyReport:
 
 
 def _session(path: Path):
+    """An ORT session computing as the graph says: blocked int4 QDQ weights are fused into MatMulNBits in float
+    (ORT's default fuses them with int8 activations, which no float reference reproduces)."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
     options.log_severity_level = 3
+    options.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", "1")
     return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 

@@ -13,6 +13,7 @@ from builders import eager, example_ids, make_adapter, rel_err
 from lorapass.onnx.load import load_model
 from lorapass.onnx.rewrite import rewrite
 from lorapass.onnx.sites import find_sites
+from lorapass.verify import verify
 from quant import activation_grids, fake_quantize, load_weights, nbits, placement, qdq_static, quantized_bytes, run, weights
 
 TOL = 1e-4
@@ -64,6 +65,8 @@ def test_dynamic_matches_peft(case, tmp_path):
     assert rel_err(run(out, ids), expected) <= TOL and rel_err(run(path, ids), expected) > 1e-2
     base = quantized_bytes(path)
     assert len(base) >= 2 * len(extracted) and quantized_bytes(out, set(base)) == base  # untouched, byte for byte
+    report = verify(path, out, adapter)  # its reference dequantizes on its own
+    assert report.passed and report.outputs[0].max_rel <= TOL and report.outputs[0].changed_from_base > 1e-2
 
 
 def test_merge_requantizes_with_the_same_scheme(case, tmp_path):
