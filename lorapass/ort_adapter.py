@@ -45,15 +45,20 @@ def slots_of(model: str | os.PathLike, graph: ir.Model | None = None) -> tuple[l
     return slots, dtypes
 
 
-def adapter_parameters(adapter: Adapter, model: str | os.PathLike, graph: ir.Model | None = None) -> dict[str, np.ndarray]:
+def adapter_parameters(adapter: Adapter, model: str | os.PathLike, graph: ir.Model | None = None,
+                       aliases: dict[str, str] | None = None) -> dict[str, np.ndarray]:
     """The adapter's values for the dynamic graph's slot inputs (each slot says how, and checks the shapes).
 
     Uses the graph's own ``lorapass.lora`` records for which module paths have slots and each adapter module's
-    own rank and scale (for PEFT: rank_pattern / alpha_pattern / rslora as PEFT resolves them).
+    own rank and scale (for PEFT: rank_pattern / alpha_pattern / rslora as PEFT resolves them). ``aliases``
+    (graph components -> the adapter's) rename the slots' paths to the adapter's module names.
     """
+    from lorapass.onnx.dialects import Dialect
+
+    rename = Dialect("alias", aliases=aliases or {}).module_path
     slots, dtypes = slots_of(model, graph)
-    by_path = {slot.path: slot for slot in slots}
-    unknown = [m for m in adapter.modules if m not in by_path]
+    known = {rename(path) for slot in slots for path in slot.paths}
+    unknown = [m for m in adapter.modules if m not in known]
     if unknown:
         names = sorted(i.name for slot in slots for i in slot.inputs())
         raise AdapterError(
@@ -61,19 +66,23 @@ def adapter_parameters(adapter: Adapter, model: str | os.PathLike, graph: ir.Mod
             + ", ".join(f"{m!r} (expects inputs {m}.lora_A/.lora_B)" for m in unknown[:5])
             + f"; the graph's LoRA inputs are e.g. {names[:4]}")
     params: dict[str, np.ndarray] = {}
-    for path, kind in adapter.modules.items():
-        for name, array in by_path[path].values(kind).items():
+    for slot in slots:
+        modules = {path: adapter.modules[rename(path)] for path in slot.paths if rename(path) in adapter.modules}
+        if not modules:
+            continue
+        for name, array in slot.values_for(modules).items():
             params[name] = np.ascontiguousarray(array, dtype=dtypes.get(name, np.float32))
     return params
 
 
-def export_adapter(adapter_dir: str | os.PathLike | Adapter, model: str | os.PathLike, output: str | os.PathLike) -> Path:
+def export_adapter(adapter_dir: str | os.PathLike | Adapter, model: str | os.PathLike, output: str | os.PathLike,
+                   aliases: dict[str, str] | None = None) -> Path:
     """Write ``output`` (.onnx_adapter) holding the adapter's weights for the dynamic graph ``model``."""
     import onnxruntime as ort
 
     adapter = adapter_dir if isinstance(adapter_dir, Adapter) else load_adapter(adapter_dir)
     graph = load_model(model)
-    params = adapter_parameters(adapter, model, graph)
+    params = adapter_parameters(adapter, model, graph, aliases)
     fmt = ort.AdapterFormat()
     fmt.set_parameters({k: ort.OrtValue.ortvalue_from_numpy(v) for k, v in params.items()})
     output, model = Path(output), Path(model)
