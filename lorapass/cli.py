@@ -27,6 +27,7 @@ def _add_selection(p: argparse.ArgumentParser) -> None:
                         "merge as the sum of their deltas")
     p.add_argument("--rules", metavar="FILE", help="YAML rules; default: the adapter's own config")
     p.add_argument("--prefix", help="wrapper scope to strip from module paths (default: detected)")
+    add_alias_option(p)
     p.add_argument("--allow-pickle", action="store_true",
                    help="read adapter_model.bin (torch.load with weights_only=True) when no safetensors file exists")
     _add_binding(p)
@@ -53,6 +54,18 @@ def _report_keys(adapters) -> None:
             print(adapter.binding.summary(), file=sys.stderr)
 
 
+def add_alias_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--alias", action="append", metavar="GRAPH=PEFT",
+                   help="rename a module path component of the graph to PEFT's (e.g. attn=self_attn), on top of the "
+                        "detected exporter dialect; repeatable")
+
+
+def aliases(args: argparse.Namespace) -> dict[str, str]:
+    from lorapass.onnx.dialects import parse_aliases
+
+    return parse_aliases(args.alias)
+
+
 def _slot_rule(args: argparse.Namespace):
     """``--target/--rank/--alpha``: a rule for LoRA-ready slots when no adapter is given."""
     if not args.target:
@@ -73,7 +86,8 @@ def _cmd_rewrite(args: argparse.Namespace) -> int:
 
     rules = _slot_rule(args)
     result = rewrite(args.model, args.output, adapter=args.adapter, rules=rules, strategy=args.strategy,
-                     prefix=args.prefix, allow_pickle=args.allow_pickle, force=args.force, **_binding(args))
+                     prefix=args.prefix, allow_pickle=args.allow_pickle, force=args.force, aliases=aliases(args),
+                     **_binding(args))
     _report_keys(result.adapters)
     summary = {
         "output": str(result.output),
@@ -84,8 +98,13 @@ def _cmd_rewrite(args: argparse.Namespace) -> int:
         "bytes_written": result.stats.bytes_written,
         "adapters": [a.binding.to_dict() for a in result.adapters if a.binding is not None],
     }
+    if result.requantization is not None:
+        summary["requantization"] = result.requantization
+        if result.requantization["warning"]:
+            print(f"lorapass: warning: {result.requantization['warning']}", file=sys.stderr)
     print(json.dumps(summary) if args.json else
-          f"{result.strategy}: {summary['targets']} of {summary['sites']} sites -> {result.output}")
+          f"{result.strategy}: {summary['targets']} of {summary['sites']} sites -> {result.output}"
+          + (f" ({result.requantization['delta_kept']:.1%} of the delta kept by requantization)" if result.requantization else ""))
     return 0
 
 
@@ -98,7 +117,8 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
     if len(adapters) > 1:
         raise RuleError("inspect takes one adapter")
     rules = RuleSet.from_yaml(args.rules) if args.rules else None
-    result = inspect_model(args.model, adapters[0] if adapters else None, rules, args.prefix, **_binding(args))
+    result = inspect_model(args.model, adapters[0] if adapters else None, rules, args.prefix, aliases(args),
+                           **_binding(args))
     print(json.dumps(result.to_dict(), indent=2) if args.json else format_table(result))
     return 0
 
@@ -108,7 +128,7 @@ def _cmd_export_adapter(args: argparse.Namespace) -> int:
 
     adapters = bind_to(args.adapter, args.model, **_binding(args))
     _report_keys(adapters)
-    out = export_adapter(adapters, args.model, args.output)
+    out = export_adapter(adapters, args.model, args.output, aliases(args))
     print(f"wrote {out}")
     return 0
 
@@ -144,6 +164,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", required=True, help="the dynamic graph written by `lorapass rewrite --strategy dynamic`")
     p.add_argument("-o", "--output", required=True, help="output .onnx_adapter")
     _add_binding(p)
+    add_alias_option(p)
     p.set_defaults(func=_cmd_export_adapter)
 
     from lorapass.cost.cli import add_analyse_parser, add_calibrate_parser

@@ -50,7 +50,7 @@ def site_paths(model: str | os.PathLike, graph: ir.Model) -> list[str]:
     """The site paths of a dynamic model's base (``lorapass.sites``; its slot paths for graphs written before)."""
     text = graph.metadata_props.get(SITES_KEY)
     if text is None:
-        return [slot.path for slot in slots_of(model, graph)[0]]
+        return [path for slot in slots_of(model, graph)[0] for path in slot.paths]
     try:
         paths = json.loads(text)
     except (ValueError, RecursionError) as exc:
@@ -73,26 +73,29 @@ def bind_to(adapter, model: str | os.PathLike, component: str | None = None, str
     return [bind(a, paths, component, layout, strict) for a in as_adapters(adapter)]
 
 
-def adapter_parameters(adapter, model: str | os.PathLike, graph: ir.Model | None = None, component: str | None = None,
-                       strict: bool = False, unet_config: str | os.PathLike | None = None) -> dict[str, np.ndarray]:
+def adapter_parameters(adapter, model: str | os.PathLike, graph: ir.Model | None = None,
+                       aliases: dict[str, str] | None = None, component: str | None = None, strict: bool = False,
+                       unet_config: str | os.PathLike | None = None) -> dict[str, np.ndarray]:
     """The adapters' values for the dynamic graph's slot inputs (each slot says how, and checks the shapes).
 
     ``adapter`` is one adapter or several (Adapter, path or ``PATH:WEIGHT``); several on one slot become one blend
     (ranks concatenated, each file's weight and scale folded in). Single files are bound to the base's site paths
     first (``component``, ``strict``, ``unet_config`` as for rewrite). Uses the graph's own ``lorapass.lora``
-    records for which module paths have slots and each module's own rank and scale (for PEFT: rank_pattern /
-    alpha_pattern / rslora as PEFT resolves them). Slots whose defaults are another adapter's weights and that
-    these adapters leave out get zeros, so the file alone decides the run.
+    records for which module paths have slots and each adapter module's own rank and scale (for PEFT: rank_pattern /
+    alpha_pattern / rslora as PEFT resolves them). ``aliases`` (graph components -> the adapter's) rename the slots'
+    paths to the adapter's module names. Slots whose defaults are another adapter's weights (``rewrite --strategy
+    dynamic --adapter``) and that these adapters leave out get zeros, so the file alone decides the run.
     """
     from lorapass.kinds import Blend
+    from lorapass.onnx.dialects import Dialect
 
+    rename = Dialect("alias", aliases=aliases or {}).module_path
     graph = graph if graph is not None else load_model(model)
     slots, dtypes = slots_of(model, graph)
-    adapters = bind_to(adapter, model, component, strict, unet_config, graph)
-    by_path = {slot.path: slot for slot in slots}
+    known = {rename(path) for slot in slots for path in slot.paths}
     modules: dict[str, list] = {}
-    for a in adapters:
-        unknown = [m for m in a.modules if m not in by_path]
+    for a in bind_to(adapter, model, component, strict, unet_config, graph):
+        unknown = [m for m in a.modules if m not in known]
         if unknown:
             names = sorted(i.name for slot in slots for i in slot.inputs())
             raise AdapterError(
@@ -101,26 +104,27 @@ def adapter_parameters(adapter, model: str | os.PathLike, graph: ir.Model | None
                 + f"; the graph's LoRA inputs are e.g. {names[:4]}")
         for path, kind in a.modules.items():
             modules.setdefault(path, []).append(kind)
+    kinds = {path: found[0] if len(found) == 1 else Blend(found) for path, found in modules.items()}
     params: dict[str, np.ndarray] = {}
-    for path, slot in by_path.items():
-        kinds = modules.get(path)
-        if kinds is None and slot.record.get("default") != "adapter":
+    for slot in slots:
+        mine = {path: kinds[rename(path)] for path in slot.paths if rename(path) in kinds}
+        if not mine and slot.record.get("default") != "adapter":
             continue
-        kind = None if kinds is None else kinds[0] if len(kinds) == 1 else Blend(kinds)
-        for name, array in slot.values(kind).items():
+        for name, array in slot.values_for(mine).items():
             params[name] = np.ascontiguousarray(array, dtype=dtypes.get(name, np.float32))
     return params
 
 
-def export_adapter(adapter_dir, model: str | os.PathLike, output: str | os.PathLike, component: str | None = None,
-                   strict: bool = False, unet_config: str | os.PathLike | None = None) -> Path:
+def export_adapter(adapter_dir, model: str | os.PathLike, output: str | os.PathLike,
+                   aliases: dict[str, str] | None = None, component: str | None = None, strict: bool = False,
+                   unet_config: str | os.PathLike | None = None) -> Path:
     """Write ``output`` (.onnx_adapter) holding the adapter's (or several adapters' blended) weights for the dynamic
     graph ``model`` (see :func:`adapter_parameters`)."""
     import onnxruntime as ort
 
     graph = load_model(model)
     adapters = bind_to(adapter_dir, model, component, strict, unet_config, graph)
-    params = adapter_parameters(adapters, model, graph)
+    params = adapter_parameters(adapters, model, graph, aliases)
     fmt = ort.AdapterFormat()
     fmt.set_parameters({k: ort.OrtValue.ortvalue_from_numpy(v) for k, v in params.items()})
     output, model = Path(output), Path(model)

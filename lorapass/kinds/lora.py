@@ -36,6 +36,10 @@ class Lora(Kind):
     def keys(self) -> dict[str, str]:
         return {"lora_A": self.a.key, "lora_B": self.b.key}
 
+    @property
+    def out_features(self) -> int:
+        return self.b.shape[0]
+
     def check(self, site: Site) -> None:
         ones = (1,) * len(site.kernel)
         check_shapes(self, site, {"lora_A": (self.a, (self.r, site.in_features, *site.kernel)),

@@ -11,7 +11,9 @@ from typing import Literal
 from lorapass import provenance
 from lorapass.adapter import Adapter, load_adapter
 from lorapass.errors import RuleError, UnsupportedError
+from lorapass.onnx import genai
 from lorapass.onnx.load import load_model
+from lorapass.onnx.loss import summary
 from lorapass.onnx.merge import merge
 from lorapass.onnx.save import SaveStats, save_model
 from lorapass.onnx.sites import SiteReport, find_sites
@@ -31,6 +33,7 @@ class RewriteResult:
     report: SiteReport
     targets: list[Target]
     stats: SaveStats = field(default_factory=SaveStats)
+    requantization: dict | None = None  # merge into lossy (quantized) weights: how much delta survived (onnx/loss.py)
     adapters: list[Adapter] = field(default_factory=list)  # as applied (single files bound: see .binding)
 
 
@@ -82,7 +85,8 @@ def strategy_of(rules: LoraRule | RuleSet, strategy: Strategy | None) -> Strateg
 
 
 def find_and_bind(graph, adapters: list[Adapter], prefix: str | None = None, component: str | None = None,
-                  strict: bool = False, unet_config: str | os.PathLike | None = None) -> tuple[SiteReport, list[Adapter]]:
+                  strict: bool = False, unet_config: str | os.PathLike | None = None,
+                  aliases: dict[str, str] | None = None) -> tuple[SiteReport, list[Adapter]]:
     """The graph's sites (wrapper prefix chosen to fit the adapters' module names) and the adapters with single
     files bound to those sites (:func:`lorapass.formats.names.bind`; ``component`` / ``strict`` / a diffusers UNet
     ``config.json`` for SGM names as there)."""
@@ -92,7 +96,8 @@ def find_and_bind(graph, adapters: list[Adapter], prefix: str | None = None, com
     def spell(paths: list[str]) -> set[str]:
         return set().union(*(a.spelled(paths) for a in adapters))
 
-    report = find_sites(graph, prefix=prefix, wanted=[m for a in adapters for m in a.modules], spell=spell)
+    report = find_sites(graph, prefix=prefix, wanted={m: k for a in adapters for m, k in a.modules.items()},
+                        aliases=aliases, spell=spell)
     layout = UnetLayout.from_config(unet_config) if unet_config is not None else None
     paths = [s.path for s in report.sites]
     return report, [bind(a, paths, component, layout, strict) for a in adapters]
@@ -101,21 +106,25 @@ def find_and_bind(graph, adapters: list[Adapter], prefix: str | None = None, com
 def rewrite(model: str | os.PathLike, output: str | os.PathLike, adapter=None,
             rules: str | os.PathLike | LoraRule | RuleSet | None = None, strategy: Strategy | None = None,
             prefix: str | None = None, allow_pickle: bool = False, progress: bool | None = None,
-            force: bool = False, component: str | None = None, strict: bool = False,
-            unet_config: str | os.PathLike | None = None) -> RewriteResult:
+            force: bool = False, aliases: dict[str, str] | None = None, component: str | None = None,
+            strict: bool = False, unet_config: str | os.PathLike | None = None) -> RewriteResult:
     """Apply LoRA to the ONNX file ``model`` and write ``output``; the input is never modified.
 
     ``adapter`` is one adapter or a list (an Adapter, a path, or ``PATH:WEIGHT``); several adapters merge as the
     sum of their weighted deltas, and share one dynamic slot per site as one blend (ranks concatenated). ``rules``
     select the targets (default: each adapter's own config). Single-file adapters (kohya, LyCORIS, diffusers) are
-    bound to the graph's sites first (``component``, ``strict``, ``unet_config``: see :func:`find_and_bind`). The
-    output records what was applied (:mod:`lorapass.provenance`); applying LoRA to a graph that already has
-    lorapass slots, or merging the same adapter twice, is refused unless ``force``.
+    bound to the graph's sites first (``component``, ``strict``, ``unet_config``: see :func:`find_and_bind`). The output
+    records what was applied (:mod:`lorapass.provenance`); applying LoRA to a graph that already has lorapass
+    slots, or merging the same adapter twice, is refused unless ``force``. ``aliases`` map graph path components
+    to PEFT's (on top of the exporter's dialect and the rules' own). An onnxruntime-genai folder's other files
+    (genai_config.json, tokenizer) are written beside the output, in the same all-or-nothing commit.
     """
     rules_file = rules if isinstance(rules, (str, os.PathLike)) else None
     adapters = as_adapters(adapter, allow_pickle)
+    aliases = {**_rule_aliases([_rules(rules, a) for a in adapters] or [_rules(rules, None)]), **dict(aliases or {})}
     graph = load_model(model)
-    report, adapters = find_and_bind(graph, adapters, prefix, component, strict, unet_config)
+    data_files = genai.external_files(graph)
+    report, adapters = find_and_bind(graph, adapters, prefix, component, strict, unet_config, aliases)
     rule_sets = [_rules(rules, a) for a in adapters] or [_rules(rules, None)]
     strategy = strategy_of(rule_sets[0], strategy)
     if strategy == "merge" and not adapters:
@@ -130,5 +139,16 @@ def rewrite(model: str | os.PathLike, output: str | os.PathLike, adapter=None,
         targets = blend(targets)
         insert_lora(graph, targets)
         graph.metadata_props[SITES_KEY] = json.dumps(list(dict.fromkeys(s.path for s in report.sites)))
-    stats = save_model(graph, model, output, progress=progress, inputs=provenance.input_files(adapters, rules_file))
-    return RewriteResult(Path(output), strategy, report, targets, stats, adapters)
+    stats = save_model(graph, model, output, progress=progress, inputs=provenance.input_files(adapters, rules_file),
+                       companions=genai.companions(Path(model), Path(output), data_files))  # computes merged weights
+    stores = {id(s): s for t in targets for s in t.site.storage.stores}.values()  # ... and records their losses
+    return RewriteResult(Path(output), strategy, report, targets, stats, summary([x for s in stores for x in s.losses]),
+                         adapters)
+
+
+def _rule_aliases(rule_sets: list) -> dict[str, str]:
+    """The ``aliases`` of the rules files (graph components -> PEFT's)."""
+    out: dict[str, str] = {}
+    for rules in rule_sets:
+        out.update(getattr(rules, "aliases", {}) or {})
+    return out
