@@ -83,8 +83,8 @@ def adapter_parameters(adapter, model: str | os.PathLike, graph: ir.Model | None
     first (``component``, ``strict``, ``unet_config`` as for rewrite). Uses the graph's own ``lorapass.lora``
     records for which module paths have slots and each adapter module's own rank and scale (for PEFT: rank_pattern /
     alpha_pattern / rslora as PEFT resolves them). ``aliases`` (graph components -> the adapter's) rename the slots'
-    paths to the adapter's module names. Slots whose defaults are another adapter's weights (``rewrite --strategy
-    dynamic --adapter``) and that these adapters leave out get zeros, so the file alone decides the run.
+    paths to the adapter's module names. Slots whose defaults are another adapter's weights (a dynamic graph made
+    with an adapter) and that these adapters leave out get zeros, so the file alone decides the run.
     """
     from lorapass.kinds import Blend
     from lorapass.onnx.dialects import Dialect
@@ -108,11 +108,18 @@ def adapter_parameters(adapter, model: str | os.PathLike, graph: ir.Model | None
     params: dict[str, np.ndarray] = {}
     for slot in slots:
         mine = {path: kinds[rename(path)] for path in slot.paths if rename(path) in kinds}
-        if not mine and slot.record.get("default") != "adapter":
+        if not mine and not _nonzero_defaults(graph, slot):
             continue
         for name, array in slot.values_for(mine).items():
             params[name] = np.ascontiguousarray(array, dtype=dtypes.get(name, np.float32))
     return params
+
+
+def _nonzero_defaults(graph: ir.Model, slot: Slot) -> bool:
+    """Whether the slot's default initializers hold weights (an adapter's), not the zeros of LoRA-ready slots."""
+    initializers = graph.graph.initializers
+    return any(i.name in initializers and initializers[i.name].const_value is not None
+               and np.any(initializers[i.name].const_value.numpy()) for i in slot.inputs())
 
 
 def export_adapter(adapter_dir, model: str | os.PathLike, output: str | os.PathLike,

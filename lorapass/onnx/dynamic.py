@@ -69,7 +69,6 @@ class _Graph:
         path = targets[0].site.slot_path
         if path not in self.slots:
             slot = slot_for(targets)
-            slot.record["default"] = "adapter" if any(t.module is not None for t in targets) else "zeros"
             dtype = ir.DataType[targets[0].site.dtype.upper()]
             defaults = slot.values_for({t.site.path: t.module for t in targets if t.module is not None})
             inputs = {}

@@ -1,7 +1,8 @@
 """Convolutions: ``Conv`` with a constant 4-D kernel [out, in, kh, kw] (torch's own layout), any kernel size,
 stride, padding or dilation; its optional third input is the bias, so the branch joins the node's output.
 
-Grouped convolutions, 1-D/3-D convolutions and ``ConvTranspose`` are reported as unsupported by node name.
+Grouped convolutions, 1-D/3-D convolutions, quantized (QDQ) kernels and ``ConvTranspose`` are reported as unsupported
+by node name.
 """
 
 from __future__ import annotations
@@ -21,7 +22,12 @@ def match(node: ir.Node) -> Match | Unsupported | None:
     if not standard(node) or node.op_type not in ("Conv", "ConvTranspose") or len(node.inputs) < 2:
         return None
     source = constant(node.inputs[1])
-    if source is None or source.is_graph_input():
+    if source is None:
+        producer = node.inputs[1].producer()
+        if producer is not None and producer.op_type == "DequantizeLinear":
+            return Unsupported(node, "a convolution with a quantized (QDQ) kernel is not adaptable yet")
+        return None
+    if source.is_graph_input():
         return None
     rank = len(source.const_value.shape)
     if node.op_type == "ConvTranspose":
