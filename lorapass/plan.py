@@ -40,7 +40,7 @@ def plan(sites: list[Site], rules: LoraRule | RuleSet, output_heads: list[str] =
     ruleset = rules if isinstance(rules, RuleSet) else RuleSet(rules=[rules])
     paths = list(dict.fromkeys(s.path for s in sites))
     # "all-linear" means linear layers only (PEFT: nn.Linear / Conv1D), so convolutions are left out like the heads
-    not_linear = [s.path for s in sites if s.kind != "linear"]
+    not_linear = [s.path for s in sites if s.kind in ("conv", "embedding")]
     selected = ruleset.select(paths, [*output_heads, *not_linear])
     targets = [Target(s, *selected[s.path]) for s in sites if s.path in selected]
     if adapter is None:
@@ -82,9 +82,9 @@ def check_adapter(targets: list[Target], adapter: Adapter, paths: list[str]) -> 
 def blend(targets: list[Target]) -> list[Target]:
     """One target per site: several adapters' modules on one site become one :class:`~lorapass.kinds.Blend`
     (their weighted deltas summed as one low-rank update), for a dynamic slot or an adapter file."""
-    by_site: dict[tuple[str, str], list[Target]] = {}
-    for t in targets:
-        by_site.setdefault((t.site.path, t.site.node), []).append(t)
+    by_site: dict[int, list[Target]] = {}
+    for t in targets:  # every adapter's plan holds the same site objects (nodes of two If branches may share names)
+        by_site.setdefault(id(t.site), []).append(t)
     out = []
     for group in by_site.values():
         if len(group) == 1:
