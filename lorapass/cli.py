@@ -30,7 +30,7 @@ def _slot_rule(args: argparse.Namespace):
 
     target = args.target[0] if len(args.target) == 1 and args.target[0].lower() == "all-linear" else args.target
     return LoraRule(name="slots", target_modules=target, r=args.rank, lora_alpha=args.alpha or args.rank,
-                    strategy="dynamic")
+                    strategy="multi" if args.slots else "dynamic")
 
 
 def _cmd_rewrite(args: argparse.Namespace) -> int:
@@ -38,7 +38,7 @@ def _cmd_rewrite(args: argparse.Namespace) -> int:
 
     rules = _slot_rule(args)
     result = rewrite(args.model, args.output, adapter=args.adapter, rules=rules, strategy=args.strategy,
-                     prefix=args.prefix, allow_pickle=args.allow_pickle)
+                     prefix=args.prefix, allow_pickle=args.allow_pickle, slots=args.slots)
     summary = {
         "output": str(result.output),
         "strategy": result.strategy,
@@ -47,8 +47,11 @@ def _cmd_rewrite(args: argparse.Namespace) -> int:
         "prefix": result.report.prefix,
         "bytes_written": result.stats.bytes_written,
     }
-    print(json.dumps(summary) if args.json else
-          f"{result.strategy}: {summary['targets']} of {summary['sites']} sites -> {result.output}")
+    text = f"{result.strategy}: {summary['targets']} of {summary['sites']} sites -> {result.output}"
+    if result.strategy == "multi":
+        summary["lora_ids"] = [None, *result.adapters]  # index = id; None: the base (0) or an empty slot
+        text += "; lora_ids 0=base " + " ".join(f"{k}={n or '(empty)'}" for k, n in enumerate(result.adapters, 1))
+    print(json.dumps(summary) if args.json else text)
     return 0
 
 
@@ -79,13 +82,17 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("rewrite", help="apply a LoRA adapter or rules to an ONNX model")
     p.add_argument("model", help="input .onnx (never modified)")
     p.add_argument("-o", "--output", required=True, help="output .onnx (external data beside it as <name>.data)")
-    p.add_argument("--strategy", choices=["merge", "dynamic"], help="default: the rules' own strategy")
+    p.add_argument("--strategy", choices=["merge", "dynamic", "multi"],
+                   help="default: the rules' own strategy; multi: every --adapter in one graph, chosen per batch row "
+                        "by the lora_ids input (0 = base, k = the k-th --adapter)")
     p.add_argument("--json", action="store_true", help="print a JSON summary")
     _add_selection(p)
     slots = p.add_argument_group("LoRA-ready slots (dynamic, no adapter): zero weights, output equals the base")
     slots.add_argument("--target", nargs="+", metavar="MODULE", help="target_modules suffixes, or all-linear")
     slots.add_argument("--rank", type=int, default=8, help="default slot rank (adapters of any rank fit later)")
     slots.add_argument("--alpha", type=float, help="recorded alpha (default: rank)")
+    slots.add_argument("--slots", type=int, metavar="N",
+                       help="multi: banks of N adapter slots (empty ones after any --adapter; fill them with export-adapter)")
     p.set_defaults(func=_cmd_rewrite)
 
     p = sub.add_parser("inspect", help="list the sites of an ONNX model and what rules or an adapter target")
@@ -94,9 +101,10 @@ def build_parser() -> argparse.ArgumentParser:
     _add_selection(p)
     p.set_defaults(func=_cmd_inspect)
 
-    p = sub.add_parser("export-adapter", help="write a PEFT adapter as an ONNX Runtime adapter for a dynamic graph")
-    p.add_argument("adapter", help="PEFT adapter directory")
-    p.add_argument("--model", required=True, help="the dynamic graph written by `lorapass rewrite --strategy dynamic`")
+    p = sub.add_parser("export-adapter", help="write a PEFT adapter as an ONNX Runtime adapter for a dynamic graph, "
+                                              "or several as a bank file for a multi graph")
+    p.add_argument("adapter", nargs="+", help="PEFT adapter directory (several for a multi graph: ids 1, 2, ... in order)")
+    p.add_argument("--model", required=True, help="the graph written by `lorapass rewrite --strategy dynamic` or `multi`")
     p.add_argument("-o", "--output", required=True, help="output .onnx_adapter")
     p.set_defaults(func=_cmd_export_adapter)
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -17,45 +18,67 @@ from lorapass.onnx.slots import METADATA_KEY, Slot, from_record
 _DTYPES = {onnx.TensorProto.FLOAT: np.float32, onnx.TensorProto.FLOAT16: np.float16}
 
 
-def slots_of(model: str | os.PathLike) -> tuple[list[Slot], dict[str, np.dtype]]:
-    """The slots of a dynamic model (from its ``lorapass.lora`` records) and its input dtypes by name."""
-    proto = onnx.load(str(model), load_external_data=False)
+def _records(proto: onnx.ModelProto) -> list[dict] | None:
     meta = {p.key: p.value for p in proto.metadata_props}
-    if METADATA_KEY not in meta:
+    return json.loads(meta[METADATA_KEY]) if METADATA_KEY in meta else None
+
+
+def slots_of(model: str | os.PathLike) -> tuple[list[Slot], dict[str, np.dtype]]:
+    """The slots of a dynamic or multi model (from its ``lorapass.lora`` records) and its input dtypes by name."""
+    proto = onnx.load(str(model), load_external_data=False)
+    records = _records(proto)
+    if records is None:
         raise ModelError(f"{model}: not a lorapass dynamic graph (no {METADATA_KEY!r} metadata)")
-    slots = [from_record(rec) for rec in json.loads(meta[METADATA_KEY])]
+    slots = [from_record(rec) for rec in records]
     dtypes = {v.name: np.dtype(_DTYPES.get(v.type.tensor_type.elem_type, np.float32)) for v in proto.graph.input}
     return slots, dtypes
 
 
-def adapter_parameters(adapter: Adapter, model: str | os.PathLike) -> dict[str, np.ndarray]:
+def adapter_parameters(adapter: Adapter | Sequence[Adapter], model: str | os.PathLike) -> dict[str, np.ndarray]:
     """The adapter's values for the dynamic graph's slot inputs (each slot says how, and checks the shapes).
 
     Uses the graph's own ``lorapass.lora`` records for which module paths have slots and each adapter module's
-    own rank and scale (for PEFT: rank_pattern / alpha_pattern / rslora as PEFT resolves them).
+    own rank and scale (for PEFT: rank_pattern / alpha_pattern / rslora as PEFT resolves them). A multi graph
+    takes several adapters (ids 1, 2, ... in order): every bank is written, stacked for them.
     """
+    adapters = [adapter] if isinstance(adapter, Adapter) else list(adapter)
     slots, dtypes = slots_of(model)
+    banked = any(slot.banked for slot in slots)
+    if not adapters or (len(adapters) > 1 and not banked):
+        raise AdapterError(f"{model}: a dynamic graph takes one adapter per file, not {len(adapters)} (a graph "
+                           "rewritten with --strategy multi takes several)")
     by_path = {slot.path: slot for slot in slots}
-    unknown = [m for m in adapter.modules if m not in by_path]
-    if unknown:
-        names = sorted(i.name for slot in slots for i in slot.inputs())
-        raise AdapterError(
-            f"{adapter.source}: {len(unknown)} adapter module(s) have no LoRA input in {model}: "
-            + ", ".join(f"{m!r} (expects inputs {m}.lora_A/.lora_B)" for m in unknown[:5])
-            + f"; the graph's LoRA inputs are e.g. {names[:4]}")
+    suffix = "_bank" if banked else ""
+    for a in adapters:
+        unknown = [m for m in a.modules if m not in by_path]
+        if unknown:
+            names = sorted(i.name for slot in slots for i in slot.inputs())
+            raise AdapterError(
+                f"{a.source}: {len(unknown)} adapter module(s) have no LoRA input in {model}: "
+                + ", ".join(f"{m!r} (expects inputs {m}.lora_A{suffix}/.lora_B{suffix})" for m in unknown[:5])
+                + f"; the graph's LoRA inputs are e.g. {names[:4]}")
     params: dict[str, np.ndarray] = {}
-    for path, kind in adapter.modules.items():
-        for name, array in by_path[path].values(kind).items():
+    for slot in slots:
+        if slot.banked:
+            values = slot.values([a.modules.get(slot.path) for a in adapters])
+        elif slot.path in adapters[0].modules:
+            values = slot.values(adapters[0].modules[slot.path])
+        else:
+            continue
+        for name, array in values.items():
             params[name] = np.ascontiguousarray(array, dtype=dtypes.get(name, np.float32))
     return params
 
 
-def export_adapter(adapter_dir: str | os.PathLike | Adapter, model: str | os.PathLike, output: str | os.PathLike) -> Path:
-    """Write ``output`` (.onnx_adapter) holding the adapter's weights for the dynamic graph ``model``."""
+def export_adapter(adapter_dir: str | os.PathLike | Adapter | Sequence, model: str | os.PathLike,
+                   output: str | os.PathLike) -> Path:
+    """Write ``output`` (.onnx_adapter) holding the adapter's weights for the dynamic graph ``model``, or the
+    banks of several adapters (ids 1, 2, ... in order) for a multi graph."""
     import onnxruntime as ort
 
-    adapter = adapter_dir if isinstance(adapter_dir, Adapter) else load_adapter(adapter_dir)
-    params = adapter_parameters(adapter, model)
+    given = list(adapter_dir) if isinstance(adapter_dir, (list, tuple)) else [adapter_dir]
+    adapters = [a if isinstance(a, Adapter) else load_adapter(a) for a in given]
+    params = adapter_parameters(adapters, model)
     fmt = ort.AdapterFormat()
     fmt.set_parameters({k: ort.OrtValue.ortvalue_from_numpy(v) for k, v in params.items()})
     output = Path(output)
@@ -69,10 +92,12 @@ def export_adapter(adapter_dir: str | os.PathLike | Adapter, model: str | os.Pat
 
 
 class Session:
-    """A dynamic LoRA model loaded once in ONNX Runtime, run with any of several adapters (or none).
+    """A dynamic or multi LoRA model loaded once in ONNX Runtime, run with any of several adapters (or none).
 
     ``Session(model).add_adapter("support", "support.onnx_adapter")`` then ``run(feeds, adapter="support")``.
     Adapters are memory-mapped ONNX Runtime adapter files; switching costs nothing but the run itself.
+    A multi graph (``--strategy multi``) takes an adapter per batch row: ``run(feeds, adapters=["a", None, "b"])``
+    names each row's adapter in the active bank (the graph's own, or a bank file added with its names).
     """
 
     def __init__(self, model: str | os.PathLike, providers: list[str] | None = None, **session_options) -> None:
@@ -85,18 +110,40 @@ class Session:
         self.model = Path(model)
         self.session = ort.InferenceSession(str(model), options, providers=providers or ["CPUExecutionProvider"])
         self.adapters: dict[str, object] = {}
+        proto = onnx.load(str(model), load_external_data=False)
+        bank = next((r for r in _records(proto) or [] if r.get("slot") == "bank"), None)
+        self.ids: str | None = bank["ids"] if bank else None
+        self.banks: dict[str | None, list[str | None]] = {None: bank["adapters"]} if bank else {}
+        """Multi graphs: the adapter of each id from 1, per adapter file (None: the graph's own bank)."""
+        initializers = {i.name for i in proto.graph.initializer}
+        self.batch_input = next((i.name for i in proto.graph.input if i.name not in initializers), None)
 
-    def add_adapter(self, name: str, path: str | os.PathLike) -> None:
+    def add_adapter(self, name: str, path: str | os.PathLike, adapters: Sequence[str | None] | None = None) -> None:
+        """Load an ONNX Runtime adapter file as ``name``; for a multi graph, a bank file from ``export-adapter``
+        with ``adapters`` naming its ids 1, 2, ... (in the order it was written; unnamed ids run by number)."""
         import onnxruntime as ort
 
         if not Path(path).is_file():
             raise AdapterError(f"{path}: no such ONNX Runtime adapter file")
+        if self.ids is not None:
+            slots = {v.shape()[0] for v in ort.AdapterFormat.read_adapter(str(path)).get_parameters().values()}
+            if len(slots) != 1:
+                raise AdapterError(f"{path}: not a bank file for {self.model} (banks of {sorted(slots)} slots)")
+            size = slots.pop() - 1
+            named = list(adapters) if adapters is not None else [None] * size
+            if len(named) != size or len({n for n in named if n is not None}) != len([n for n in named if n is not None]):
+                raise AdapterError(f"{path}: holds {size} adapter(s); give as many distinct names, not {named}")
+            self.banks[name] = named
+        elif adapters is not None:
+            raise AdapterError(f"{self.model}: not a multi graph; per-row adapter names do not apply")
         adapter = ort.LoraAdapter()
         adapter.Load(str(path))
         self.adapters[name] = adapter
 
-    def run(self, feeds: dict[str, np.ndarray], adapter: str | None = None, outputs: list[str] | None = None) -> list[np.ndarray]:
-        """Run with the named adapter active (None: the graph's default LoRA weights)."""
+    def run(self, feeds: dict[str, np.ndarray], adapter: str | None = None, outputs: list[str] | None = None,
+            adapters: Sequence[str | int | None] | None = None) -> list[np.ndarray]:
+        """Run with the named adapter file active (None: the graph's default LoRA weights); on a multi graph,
+        ``adapters`` gives each batch row's adapter (a name in the active bank, its id, or None for the base)."""
         import onnxruntime as ort
 
         options = ort.RunOptions()
@@ -104,4 +151,34 @@ class Session:
             if adapter not in self.adapters:
                 raise AdapterError(f"no adapter named {adapter!r}; added: {sorted(self.adapters)}")
             options.add_active_adapter(self.adapters[adapter])
+        if adapters is not None:
+            if self.ids is None:
+                raise AdapterError(f"{self.model}: not a multi graph; per-row adapters need --strategy multi")
+            feeds = {**feeds, self.ids: self._ids(adapters, adapter)}
+        if self.ids is not None and self.ids in feeds:
+            self._check(feeds, adapter)
         return self.session.run(outputs, feeds, options)
+
+    def _ids(self, adapters: Sequence[str | int | None], bank: str | None) -> np.ndarray:
+        names = self.banks[bank]
+        ids = []
+        for row, a in enumerate(adapters):
+            if a is None or isinstance(a, (int, np.integer)):
+                ids.append(0 if a is None else int(a))
+            elif a in names:
+                ids.append(names.index(a) + 1)
+            else:
+                raise AdapterError(f"row {row}: no adapter named {a!r} in the "
+                                   f"{'graph' if bank is None else repr(bank)} bank; it holds {names}")
+        return np.array(ids, np.int64)
+
+    def _check(self, feeds: dict[str, np.ndarray], bank: str | None) -> None:
+        ids, slots = np.asarray(feeds[self.ids]), len(self.banks[bank]) + 1
+        if ids.ndim != 1 or ids.dtype != np.int64:
+            raise AdapterError(f"{self.ids} must be int64 of shape [batch], got {ids.dtype} {list(ids.shape)}")
+        batch = feeds.get(self.batch_input)
+        if batch is not None and np.ndim(batch) and len(ids) != np.shape(batch)[0]:
+            raise AdapterError(f"{len(ids)} row adapter(s) for a batch of {np.shape(batch)[0]} ({self.batch_input})")
+        bad = [(row, int(i)) for row, i in enumerate(ids) if not 0 <= i < slots]
+        if bad:
+            raise AdapterError(f"{self.ids}: row {bad[0][0]} has id {bad[0][1]}, outside the bank (ids 0..{slots - 1})")

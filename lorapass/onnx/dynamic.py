@@ -28,7 +28,7 @@ def slot_for(target: Target) -> Slot:
     return SLOT_TYPES[target.site.kind].for_target(target)
 
 
-class _Graph:
+class SlotGraph:
     """The graph being rewritten: its values by name, the slots made so far and their input values."""
 
     def __init__(self, model: ir.Model) -> None:
@@ -41,18 +41,26 @@ class _Graph:
         path = target.site.path
         if path not in self.slots:
             slot = slot_for(target)
-            dtype = ir.DataType[target.site.dtype.upper()]
-            defaults = slot.values(target.module)
-            inputs = {}
-            for spec in slot.inputs():
-                tensor = ir.Tensor(defaults[spec.name].astype(dtype.numpy()), name=spec.name)
-                value = ir.Value(name=spec.name, shape=ir.Shape(list(spec.dims)), type=ir.TensorType(dtype),
-                                 const_value=tensor)
-                self.graph.inputs.append(value)
-                self.graph.register_initializer(value)
-                inputs[spec.role] = value
-            self.slots[path] = (slot, inputs)
+            self.add(slot, slot.values(target.module), target.site.dtype)
         return self.slots[path]
+
+    def add(self, slot: Slot, defaults: dict, dtype: str) -> dict[str, ir.Value]:
+        """Make ``slot``'s graph inputs, initialised to ``defaults`` in the site's ``dtype``; role -> value."""
+        element = ir.DataType[dtype.upper()]
+        inputs = {}
+        for spec in slot.inputs():
+            tensor = ir.Tensor(defaults[spec.name].astype(element.numpy()), name=spec.name)
+            value = ir.Value(name=spec.name, shape=ir.Shape(list(spec.dims)), type=ir.TensorType(element),
+                             const_value=tensor)
+            self.graph.inputs.append(value)
+            self.graph.register_initializer(value)
+            inputs[spec.role] = value
+        self.slots[slot.path] = (slot, inputs)
+        return inputs
+
+    def records(self) -> None:
+        """Write every slot's record into the model's ``lorapass.lora`` metadata."""
+        self.model.metadata_props[METADATA_KEY] = json.dumps([slot.record for slot, _ in self.slots.values()])
 
     def join(self, b: Branch, site: Site, delta: ir.Value) -> None:
         """``y + delta`` in place of the site's output ``y``, keeping ``y``'s name where it is a graph output."""
@@ -77,7 +85,7 @@ class _Graph:
 
 def insert_lora(model: ir.Model, targets: list[Target]) -> int:
     """Insert a LoRA branch for every target (one per node); returns how many branches were added."""
-    g = _Graph(model)
+    g = SlotGraph(model)
     groups: dict[tuple[str, str], list[Target]] = defaultdict(list)
     for target in targets:
         groups[(target.site.input, target.site.dtype)].append(target)
@@ -93,11 +101,11 @@ def insert_lora(model: ir.Model, targets: list[Target]) -> int:
             g.join(b, target.site, slot.branch(b, x, inputs))
             g.insert(b, target.site)
     g.graph.sort()  # joins may now feed nodes placed before them
-    model.metadata_props[METADATA_KEY] = json.dumps([slot.record for slot, _ in g.slots.values()])
+    g.records()
     return len(targets)
 
 
-def _fused(g: _Graph, x: ir.Value, group: list[Target]) -> None:
+def _fused(g: SlotGraph, x: ir.Value, group: list[Target]) -> None:
     """One A matmul for all linear sites reading ``x``: Concat the A inputs, MatMul once, Split by each rank."""
     slots = {t.site.path: g.slot(t) for t in group}
     paths = list(slots)

@@ -11,12 +11,13 @@ from lorapass.adapter import Adapter, load_adapter
 from lorapass.errors import RuleError, UnsupportedError
 from lorapass.onnx.load import load_model
 from lorapass.onnx.merge import merge
+from lorapass.onnx.multi import bank_names, insert_banks
 from lorapass.onnx.save import SaveStats, save_model
 from lorapass.onnx.sites import SiteReport, find_sites
 from lorapass.plan import Target, plan
 from lorapass.rules import LoraRule, RuleSet
 
-Strategy = Literal["merge", "dynamic"]
+Strategy = Literal["merge", "dynamic", "multi"]
 
 
 @dataclass
@@ -28,6 +29,7 @@ class RewriteResult:
     report: SiteReport
     targets: list[Target]
     stats: SaveStats = field(default_factory=SaveStats)
+    adapters: list[str | None] = field(default_factory=list)  # multi: the adapter of each id from 1 (None: empty)
 
 
 def as_adapters(adapter, allow_pickle: bool = False) -> list[Adapter]:
@@ -75,11 +77,14 @@ def strategy_of(rules: LoraRule | RuleSet, strategy: Strategy | None) -> Strateg
 
 def rewrite(model: str | os.PathLike, output: str | os.PathLike, adapter=None,
             rules: str | os.PathLike | LoraRule | RuleSet | None = None, strategy: Strategy | None = None,
-            prefix: str | None = None, allow_pickle: bool = False, progress: bool | None = None) -> RewriteResult:
+            prefix: str | None = None, allow_pickle: bool = False, progress: bool | None = None,
+            slots: int | None = None) -> RewriteResult:
     """Apply LoRA to the ONNX file ``model`` and write ``output``; the input is never modified.
 
     ``adapter`` is one adapter or a list (an Adapter, a path, or ``PATH:WEIGHT``); several adapters merge as the
-    sum of their weighted deltas. ``rules`` select the targets (default: each adapter's own config).
+    sum of their weighted deltas, or with strategy ``multi`` become ids 1, 2, ... of the ``lora_ids`` input.
+    ``rules`` select the targets (default: each adapter's own config). ``slots`` (multi): the bank size in
+    adapters, empty slots after the given adapters (all empty without adapters).
     """
     adapters = as_adapters(adapter, allow_pickle)
     rule_sets = [_rules(rules, a) for a in adapters] or [_rules(rules, None)]
@@ -88,14 +93,20 @@ def rewrite(model: str | os.PathLike, output: str | os.PathLike, adapter=None,
         raise RuleError("strategy merge needs an adapter's weights (--adapter)")
     if strategy == "dynamic" and len(adapters) > 1:
         raise UnsupportedError("strategy dynamic takes one adapter (export the others with export-adapter and swap them)")
+    if slots is not None and strategy != "multi":
+        raise RuleError("slots are for strategy multi")
+    names = bank_names(adapters, slots) if strategy == "multi" else []
     graph = load_model(model)
     report = find_sites(graph, prefix=prefix, wanted=[m for a in adapters for m in a.modules])
-    targets = [t for a, r in zip(adapters or [None], rule_sets) for t in plan(report.sites, r, report.output_heads, a)]
+    chosen = [plan(report.sites, r, report.output_heads, a) for a, r in zip(adapters or [None], rule_sets)]
+    targets = [t for ts in chosen for t in ts]
     if strategy == "merge":
         merge(graph, targets)
+    elif strategy == "multi":
+        insert_banks(graph, chosen if adapters else chosen * len(names), names)  # no adapters: all slots empty
     else:
         from lorapass.onnx.dynamic import insert_lora
 
         insert_lora(graph, targets)
     stats = save_model(graph, model, output, progress=progress)
-    return RewriteResult(Path(output), strategy, report, targets, stats)
+    return RewriteResult(Path(output), strategy, report, targets, stats, names)
