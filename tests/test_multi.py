@@ -208,6 +208,42 @@ def test_rewrite_multi_bad_options(exported, multi, tmp_path, capsys, args, mess
     assert message in capsys.readouterr().err and not out.exists()
 
 
+def test_analyse_costs_the_gathered_bank_reads(multi):
+    from pathlib import Path
+
+    from lorapass.cost import ops as O
+    from lorapass.cost.analysis import Analyser, ModelSource, Workload
+    from lorapass.cost.hw import load_spec
+    from lorapass.cost.onnx_ops import load_onnx_graph
+    from lorapass.cost.parallel import Layout
+
+    _, _, out, _, _ = multi("llama", True)
+    proto = onnx.load(out, load_external_data=False)
+    banks = {i.name: list(i.dims) for i in proto.graph.initializer if i.name.endswith("_bank")}  # fp32
+    for batch, dims, distinct in ((2, None, 2), (8, None, 4), (8, {"lora_distinct": 1}, 1)):
+        g = load_onnx_graph(out, batch, 1, 16, dims=dims)  # a decode step over 16 cached keys
+        gathers = {op.name: op for op in g.ops if op.kind == O.GATHER_LORA}
+        assert len(gathers) == len(banks)
+        lora_a = 0
+        for name, (slots, *slot) in banks.items():
+            path, kind = name.removesuffix("_bank").rsplit(".lora_", 1)
+            op, slot_bytes = gathers[f"{path}/lora_{kind}/Gather"], 4 * int(np.prod(slot))
+            # distinct adapters' slots read, one slot per row written (and read by the batched MatMul)
+            assert (op.weight_bytes, op.param_bytes, op.act_out) == (distinct * slot_bytes, slots * slot_bytes,
+                                                                     batch * slot_bytes), name
+            lora_a += 2 * batch * slot[0] * slot[1] if kind == "A" else 0  # every row: x @ its own [in, r] slot
+        assert sum(op.flops for op in g.ops if op.kind == O.GEMM_LORA_A) == lora_a
+    spec = load_spec(Path(__file__).resolve().parents[1] / "hw_specs" / "h100.yaml")
+    decode = {}
+    for distinct in (1, 4):
+        source = ModelSource(out, dims={"lora_distinct": distinct})
+        a = Analyser(source, spec, Workload(8, 16, 4)).analyse(Layout())
+        assert a.strategy == "in-graph" and a.lora_sites == len(banks) // 2
+        decode[distinct] = a.phases["decode"].bytes
+    per_extra = sum(4 * int(np.prod(slot)) for _, *slot in banks.values())  # one more slot of every bank
+    assert decode[4] - decode[1] == pytest.approx(3 * per_extra)
+
+
 def _quiet() -> ort.SessionOptions:
     options = ort.SessionOptions()
     options.log_severity_level = 4  # banks are graph inputs on purpose, and bad ids are meant to fail
