@@ -9,32 +9,45 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
-import onnx
+import onnx_ir as ir
 
 from lorapass.adapter import Adapter, load_adapter
+from lorapass.atomic import Transaction
 from lorapass.errors import AdapterError, ModelError
+from lorapass.onnx.load import load_model
 from lorapass.onnx.slots import METADATA_KEY, Slot, from_record
+from lorapass.provenance import input_files
 
-_DTYPES = {onnx.TensorProto.FLOAT: np.float32, onnx.TensorProto.FLOAT16: np.float16}
-
-
-def _records(proto: onnx.ModelProto) -> list[dict] | None:
-    meta = {p.key: p.value for p in proto.metadata_props}
-    return json.loads(meta[METADATA_KEY]) if METADATA_KEY in meta else None
+_DTYPES = {ir.DataType.FLOAT: np.float32, ir.DataType.FLOAT16: np.float16}
 
 
-def slots_of(model: str | os.PathLike) -> tuple[list[Slot], dict[str, np.dtype]]:
-    """The slots of a dynamic or multi model (from its ``lorapass.lora`` records) and its input dtypes by name."""
-    proto = onnx.load(str(model), load_external_data=False)
-    records = _records(proto)
-    if records is None:
+def slots_of(model: str | os.PathLike, graph: ir.Model | None = None) -> tuple[list[Slot], dict[str, np.dtype]]:
+    """The slots of a dynamic or multi model (rebuilt from its ``lorapass.lora`` records) and its input dtypes by
+    name; ModelError if the records are missing, malformed, or name inputs the graph does not have."""
+    graph = graph if graph is not None else load_model(model)
+    text = graph.metadata_props.get(METADATA_KEY)
+    if text is None:
         raise ModelError(f"{model}: not a lorapass dynamic graph (no {METADATA_KEY!r} metadata)")
-    slots = [from_record(rec) for rec in records]
-    dtypes = {v.name: np.dtype(_DTYPES.get(v.type.tensor_type.elem_type, np.float32)) for v in proto.graph.input}
+    try:
+        records = json.loads(text)
+    except (ValueError, RecursionError) as exc:
+        raise ModelError(f"{model}: metadata {METADATA_KEY!r} is not valid JSON ({exc})") from None
+    try:
+        if not isinstance(records, list):
+            raise TypeError("not a list")
+        slots = [from_record(rec) for rec in records]
+        names = {i.name for slot in slots for i in slot.inputs()}
+    except (TypeError, KeyError, AttributeError) as exc:
+        raise ModelError(f"{model}: metadata {METADATA_KEY!r} must be a JSON list of slot records ({exc!r})") from None
+    dtypes = {v.name: np.dtype(_DTYPES.get(v.dtype, np.float32)) for v in graph.graph.inputs}
+    missing = sorted(names - set(dtypes))
+    if missing:
+        raise ModelError(f"{model}: metadata {METADATA_KEY!r} lists LoRA inputs the graph does not have: {missing[:4]}")
     return slots, dtypes
 
 
-def adapter_parameters(adapter: Adapter | Sequence[Adapter], model: str | os.PathLike) -> dict[str, np.ndarray]:
+def adapter_parameters(adapter: Adapter | Sequence[Adapter], model: str | os.PathLike,
+                       graph: ir.Model | None = None) -> dict[str, np.ndarray]:
     """The adapter's values for the dynamic graph's slot inputs (each slot says how, and checks the shapes).
 
     Uses the graph's own ``lorapass.lora`` records for which module paths have slots and each adapter module's
@@ -42,7 +55,7 @@ def adapter_parameters(adapter: Adapter | Sequence[Adapter], model: str | os.Pat
     takes several adapters (ids 1, 2, ... in order): every bank is written, stacked for them.
     """
     adapters = [adapter] if isinstance(adapter, Adapter) else list(adapter)
-    slots, dtypes = slots_of(model)
+    slots, dtypes = slots_of(model, graph)
     banked = any(slot.banked for slot in slots)
     if not adapters or (len(adapters) > 1 and not banked):
         raise AdapterError(f"{model}: a dynamic graph takes one adapter per file, not {len(adapters)} (a graph "
@@ -78,16 +91,19 @@ def export_adapter(adapter_dir: str | os.PathLike | Adapter | Sequence, model: s
 
     given = list(adapter_dir) if isinstance(adapter_dir, (list, tuple)) else [adapter_dir]
     adapters = [a if isinstance(a, Adapter) else load_adapter(a) for a in given]
-    params = adapter_parameters(adapters, model)
+    graph = load_model(model)
+    params = adapter_parameters(adapters, model, graph)
     fmt = ort.AdapterFormat()
     fmt.set_parameters({k: ort.OrtValue.ortvalue_from_numpy(v) for k, v in params.items()})
-    output = Path(output)
-    tmp = output.with_name(f".{output.name}.tmp-{os.getpid()}")
-    try:
-        fmt.export_adapter(str(tmp))
-        os.replace(tmp, output)
-    finally:
-        tmp.unlink(missing_ok=True)
+    output, model = Path(output), Path(model)
+    data = {model.parent / v.const_value.location for v in graph.graph.initializers.values()
+            if isinstance(v.const_value, ir.ExternalTensor)}
+    with Transaction([output], [model, *data, *input_files(adapters, None)]) as commit:
+        try:
+            fmt.export_adapter(str(commit.temp(output)))
+        except RuntimeError as exc:  # onnxruntime reports I/O failures as RuntimeError
+            raise OSError(f"{output}: onnxruntime could not write the adapter ({exc})") from exc
+        commit.commit()
     return output
 
 
@@ -110,13 +126,13 @@ class Session:
         self.model = Path(model)
         self.session = ort.InferenceSession(str(model), options, providers=providers or ["CPUExecutionProvider"])
         self.adapters: dict[str, object] = {}
-        proto = onnx.load(str(model), load_external_data=False)
-        bank = next((r for r in _records(proto) or [] if r.get("slot") == "bank"), None)
+        graph = load_model(model)
+        records = json.loads(graph.metadata_props.get(METADATA_KEY, "[]"))
+        bank = next((r for r in records if isinstance(r, dict) and r.get("slot") == "bank"), None)
         self.ids: str | None = bank["ids"] if bank else None
         self.banks: dict[str | None, list[str | None]] = {None: bank["adapters"]} if bank else {}
         """Multi graphs: the adapter of each id from 1, per adapter file (None: the graph's own bank)."""
-        initializers = {i.name for i in proto.graph.initializer}
-        self.batch_input = next((i.name for i in proto.graph.input if i.name not in initializers), None)
+        self.batch_input = next((v.name for v in graph.graph.inputs if v.name not in graph.graph.initializers), None)
 
     def add_adapter(self, name: str, path: str | os.PathLike, adapters: Sequence[str | None] | None = None) -> None:
         """Load an ONNX Runtime adapter file as ``name``; for a multi graph, a bank file from ``export-adapter``

@@ -33,7 +33,8 @@ class SlotGraph:
 
     def __init__(self, model: ir.Model) -> None:
         self.model, self.graph = model, model.graph
-        self.values = {v.name: v for n in self.graph for v in n.outputs} | {v.name: v for v in self.graph.inputs}
+        self.base = {v.name: v for n in self.graph for v in n.outputs} | {v.name: v for v in self.graph.inputs}
+        self.values = dict(self.base)  # name -> its value with every branch joined so far
         self.slots: dict[str, tuple[Slot, dict[str, ir.Value]]] = {}
 
     def slot(self, target: Target) -> tuple[Slot, dict[str, ir.Value]]:
@@ -63,8 +64,11 @@ class SlotGraph:
         self.model.metadata_props[METADATA_KEY] = json.dumps([slot.record for slot, _ in self.slots.values()])
 
     def join(self, b: Branch, site: Site, delta: ir.Value) -> None:
-        """``y + delta`` in place of the site's output ``y``, keeping ``y``'s name where it is a graph output."""
-        y = self.values[site.output]
+        """``y + delta`` in place of the site's output ``y``, keeping ``y``'s name where it is a graph output.
+
+        Later lookups of the output's name give the joined value, so a targeted site reading this one's output
+        (``v(q(x))``) reads it with q's LoRA applied."""
+        y = self.base[site.output]
         joined = b.op("Add", [y, delta], f"{site.path}/lora/Add")
         add = joined.producer()
         if y.is_graph_output():
@@ -77,10 +81,11 @@ class SlotGraph:
         for node, index in list(y.uses()):
             if node is not add:
                 node.replace_input_with(index, joined)
+        self.values[site.output] = joined
 
     def insert(self, b: Branch, site: Site) -> None:
-        """Place the branch's nodes right after the node producing the site's output."""
-        self.graph.insert_after(self.values[site.output].producer(), b.nodes)
+        """Place the branch's nodes right after the node producing the site's (base) output."""
+        self.graph.insert_after(self.base[site.output].producer(), b.nodes)
 
 
 def insert_lora(model: ir.Model, targets: list[Target]) -> int:

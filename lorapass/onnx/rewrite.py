@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
+from lorapass import provenance
 from lorapass.adapter import Adapter, load_adapter
 from lorapass.errors import RuleError, UnsupportedError
 from lorapass.onnx.load import load_model
@@ -78,14 +79,17 @@ def strategy_of(rules: LoraRule | RuleSet, strategy: Strategy | None) -> Strateg
 def rewrite(model: str | os.PathLike, output: str | os.PathLike, adapter=None,
             rules: str | os.PathLike | LoraRule | RuleSet | None = None, strategy: Strategy | None = None,
             prefix: str | None = None, allow_pickle: bool = False, progress: bool | None = None,
-            slots: int | None = None) -> RewriteResult:
+            force: bool = False, slots: int | None = None) -> RewriteResult:
     """Apply LoRA to the ONNX file ``model`` and write ``output``; the input is never modified.
 
     ``adapter`` is one adapter or a list (an Adapter, a path, or ``PATH:WEIGHT``); several adapters merge as the
     sum of their weighted deltas, or with strategy ``multi`` become ids 1, 2, ... of the ``lora_ids`` input.
     ``rules`` select the targets (default: each adapter's own config). ``slots`` (multi): the bank size in
-    adapters, empty slots after the given adapters (all empty without adapters).
+    adapters, empty slots after the given adapters (all empty without adapters). The output records what was
+    applied (:mod:`lorapass.provenance`); applying LoRA to a graph that already has lorapass slots, or merging
+    the same adapter twice, is refused unless ``force``.
     """
+    rules_file = rules if isinstance(rules, (str, os.PathLike)) else None
     adapters = as_adapters(adapter, allow_pickle)
     rule_sets = [_rules(rules, a) for a in adapters] or [_rules(rules, None)]
     strategy = strategy_of(rule_sets[0], strategy)
@@ -100,6 +104,7 @@ def rewrite(model: str | os.PathLike, output: str | os.PathLike, adapter=None,
     report = find_sites(graph, prefix=prefix, wanted=[m for a in adapters for m in a.modules])
     chosen = [plan(report.sites, r, report.output_heads, a) for a, r in zip(adapters or [None], rule_sets)]
     targets = [t for ts in chosen for t in ts]
+    provenance.stamp(graph, model, adapters, strategy, targets, force, rules_file)
     if strategy == "merge":
         merge(graph, targets)
     elif strategy == "multi":
@@ -108,5 +113,5 @@ def rewrite(model: str | os.PathLike, output: str | os.PathLike, adapter=None,
         from lorapass.onnx.dynamic import insert_lora
 
         insert_lora(graph, targets)
-    stats = save_model(graph, model, output, progress=progress)
+    stats = save_model(graph, model, output, progress=progress, inputs=provenance.input_files(adapters, rules_file))
     return RewriteResult(Path(output), strategy, report, targets, stats, names)
