@@ -11,7 +11,14 @@ sessions in a rotated order: on this machine the session created first in a proc
 slower than identical sessions created after it, so a fixed creation order biases every ratio against
 whichever variant comes first. Medians pool all runs; ``ratio_range`` gives the spread of per-block ratios.
 Afterwards ORT's profiler gives the kernel time of the LoRA nodes in the dynamic variants (``ort_profile``).
+
+``kv_decode``: real decode steps with a KV cache, on a model built by onnxruntime-genai's builder (~100M
+parameters, fp32, GroupQueryAttention): one token after a past of 512, base vs merged vs dynamic (all-linear
+r=16, defaults baked in) vs LoRA-ready slots with the adapter file active (how adapters are hot-swapped).
+:func:`kv_decode_variants` builds the graphs, :func:`kv_decode_bench` times any dict of them (more variants,
+such as int4 builds or DoRA adapters, go into that dict).
 Usage: python benchmarks/runtime_bench.py [--quick] [--repeat N] [--prefill-repeat N] [--blocks B] [--no-profile]
+       [--no-kv | --kv-only] [--kv-repeat N]
 """
 
 from __future__ import annotations
@@ -46,6 +53,11 @@ QUICK = dict(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_l
 TARGETS = {"merged_over_base": "1 ± 0.03", "dynamic_over_base_decode": 1.10, "dynamic_over_base_prefill": 1.05,
            "peft_eager_over_ort_dynamic": 2.0}
 ORT_VARIANTS = ("base", "merged", "dynamic", "dynamic_unfused")
+KV_FULL = dict(vocab_size=32000, hidden_size=768, intermediate_size=2048, num_hidden_layers=8, num_attention_heads=12,
+               num_key_value_heads=4, max_position_embeddings=1024)
+KV_QUICK = dict(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                num_key_value_heads=2, max_position_embeddings=128)
+KV_TARGETS = {"merged_over_base": "1 ± 0.03", "dynamic_over_base": 1.10, "slots_with_adapter_over_base": 1.10}
 
 
 def ort_session(path: Path, profile_prefix: str | None = None):
@@ -89,6 +101,122 @@ def lora_profile(path: Path, feeds: dict, runs: int, prefix: str) -> dict:
                                 "us_per_node": round(us / count[op], 1)} for op, us in lora.most_common()}}
 
 
+def kv_decode_variants(folder: Path, shape: dict, precision: str = "fp32", r: int = 16) -> dict[str, tuple[Path, Path | None]]:
+    """Build a genai model of ``shape`` and its LoRA variants under ``folder``: name -> (model.onnx, adapter file
+    to activate or None). A real PEFT all-linear adapter of rank ``r`` (non-zero B) is merged, baked into a dynamic
+    graph, and exported for LoRA-ready slots."""
+    from genai import hf_folder, run_builder
+    from peft import LoraConfig, get_peft_model
+    import transformers as tf
+
+    from lorapass.onnx.rewrite import rewrite
+    from lorapass.ort_adapter import export_adapter
+    from lorapass.rules import LoraRule
+
+    torch.manual_seed(0)
+    model = tf.LlamaForCausalLM(tf.LlamaConfig(**shape)).eval()
+    base = run_builder(hf_folder(model, folder / "hf"), folder / "base", precision) / "model.onnx"
+    peft_model = get_peft_model(model, LoraConfig(r=r, lora_alpha=2 * r, target_modules="all-linear",
+                                                  init_lora_weights=False))
+    peft_model.save_pretrained(str(folder / "adapter"))
+    variants: dict[str, tuple[Path, Path | None]] = {"base": (base, None)}
+    for name, kwargs in (("merged", {"adapter": folder / "adapter", "strategy": "merge"}),
+                         ("dynamic", {"adapter": folder / "adapter", "strategy": "dynamic"}),
+                         ("slots", {"rules": LoraRule(name="slots", target_modules="all-linear", r=r, strategy="dynamic")})):
+        variants[name] = (rewrite(base, folder / name / "model.onnx", progress=False, **kwargs).output, None)
+    adapter = export_adapter(folder / "adapter", variants["slots"][0], folder / "adapter.onnx_adapter")
+    variants["slots_with_adapter"] = (variants.pop("slots")[0], adapter)
+    return variants
+
+
+def kv_feeds(model: Path, past: int, seed: int = 0) -> dict[str, np.ndarray]:
+    """One decode step of a genai graph: a token, a mask over past + 1, random past keys/values of length ``past``."""
+    import onnx
+
+    decoder = json.loads((model.parent / "genai_config.json").read_text())["model"]["decoder"]
+    rng = np.random.default_rng(seed)
+    feeds = {"input_ids": np.array([[7]], np.int64), "attention_mask": np.ones((1, past + 1), np.int64)}
+    for value in onnx.load(str(model), load_external_data=False).graph.input:
+        t = value.type.tensor_type
+        if value.name == "position_ids":
+            feeds[value.name] = np.array([[past]], np.int64)
+        elif value.name.startswith("past_key_values."):
+            dtype = onnx.helper.tensor_dtype_to_np_dtype(t.elem_type)
+            shape = (1, t.shape.dim[1].dim_value, past, decoder["head_size"])
+            feeds[value.name] = rng.standard_normal(shape).astype(dtype)
+    return feeds
+
+
+def kv_decode_bench(variants: dict[str, tuple[Path, Path | None]], past: int = 512, rounds: int = 40,
+                    blocks: int = 6) -> dict:
+    """Median ms per decode step of each variant (name -> (model, adapter file or None); ``base`` required) and
+    its ratio to ``base``: round-robin, alternating direction, blocks of fresh sessions in rotated order."""
+    import onnxruntime as ort
+
+    feeds = kv_feeds(variants["base"][0], past)
+    names = list(variants)
+    outputs = {}
+    times: dict[str, list[float]] = {name: [] for name in names}
+    block_ratios: dict[str, list[float]] = {name: [] for name in names if name != "base"}
+    for block in range(blocks):
+        order = names[block % len(names):] + names[:block % len(names)]
+        runners = {}
+        for name in order:
+            path, adapter = variants[name]
+            session, options = ort_session(path), ort.RunOptions()
+            if adapter is not None:
+                lora = ort.LoraAdapter()
+                lora.Load(str(adapter))
+                options.add_active_adapter(lora)
+                runners[f"{name}.adapter"] = lora  # kept alive with the session
+            runners[name] = lambda s=session, o=options: s.run(["logits"], feeds, o)[0]
+        runners = {name: runners[name] for name in names}
+        outputs = outputs or {name: run() for name, run in runners.items()}
+        for run in runners.values():
+            run()
+        local = {name: [] for name in names}
+        for i in range(rounds):
+            for name in (names if i % 2 == 0 else names[::-1]):
+                t = time.perf_counter()
+                runners[name]()
+                local[name].append(time.perf_counter() - t)
+        for name, values in local.items():
+            times[name] += values
+            if name != "base":
+                block_ratios[name].append(statistics.median(values) / statistics.median(local["base"]))
+        del runners
+        gc.collect()
+    med = {name: statistics.median(v) * 1e3 for name, v in times.items()}
+    reference = outputs.get("merged", outputs["base"])
+    diff = {k: float(f"{np.abs(v - reference).max() / np.abs(reference).max():.2e}") for k, v in outputs.items()}
+    return {"past": past, "rounds": rounds * blocks, "median_ms": {k: round(v, 3) for k, v in med.items()},
+            "max_rel_diff_vs_merged": diff,
+            "over_base": {k: round(v / med["base"], 3) for k, v in med.items() if k != "base"},
+            "ratio_range_over_blocks": {k: [round(min(r), 3), round(max(r), 3)] for k, r in block_ratios.items()}}
+
+
+def kv_decode_case(quick: bool, rounds: int | None, blocks: int | None) -> dict:
+    """The KV-cache decode case of this benchmark: build the variants and time them."""
+    import onnx
+
+    shape = KV_QUICK if quick else KV_FULL
+    with tempfile.TemporaryDirectory() as tmp:
+        t = time.perf_counter()
+        variants = kv_decode_variants(Path(tmp), shape)
+        build_s = time.perf_counter() - t
+        base = onnx.load(str(variants["base"][0]), load_external_data=False)
+        params = sum(int(np.prod(t.dims)) for t in base.graph.initializer if t.name.endswith("weight"))
+        result = kv_decode_bench(variants, past=32 if quick else 512, rounds=rounds or (3 if quick else 40),
+                                 blocks=blocks or (2 if quick else 6))
+    over = result["over_base"]
+    result["targets_met"] = {"merged_over_base": abs(over["merged"] - 1) <= 0.03,
+                             "dynamic_over_base": over["dynamic"] <= KV_TARGETS["dynamic_over_base"],
+                             "slots_with_adapter_over_base": over["slots_with_adapter"] <= KV_TARGETS["slots_with_adapter_over_base"]}
+    return {"model": {"params": params, **shape, "dtype": "float32", "exporter": "onnxruntime-genai builder",
+                      "build_s": round(build_s, 1)},
+            "adapter": {"r": 16, "alpha": 32, "target_modules": "all-linear"}, "targets": KV_TARGETS, **result}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--quick", action="store_true", help="tiny model, few repeats: a smoke run")
@@ -97,7 +225,14 @@ def main() -> None:
     parser.add_argument("--blocks", type=int, default=None, help="blocks of fresh sessions, creation order rotated")
     parser.add_argument("--no-profile", dest="profile", action="store_false",
                         help="skip the ORT profiling of the LoRA nodes (run after the timings, on separate sessions)")
+    kv = parser.add_mutually_exclusive_group()
+    kv.add_argument("--no-kv", dest="kv", action="store_false", help="skip the KV-cache decode case")
+    kv.add_argument("--kv-only", action="store_true", help="run only the KV-cache decode case")
+    parser.add_argument("--kv-repeat", type=int, default=None, help="KV decode rounds per block (default 40)")
     args = parser.parse_args()
+    if args.kv_only:
+        print(json.dumps({"kv_decode": kv_decode_case(args.quick, args.kv_repeat, args.blocks)}, indent=2))
+        return
     shape = QUICK if args.quick else FULL
     repeat = args.repeat or (3 if args.quick else 30)
     blocks = args.blocks or (2 if args.quick else 8)
@@ -216,6 +351,8 @@ def main() -> None:
         if phase in profiles:
             entry["ort_profile"] = profiles[phase]
         report["phases"][phase] = entry
+    if args.kv:
+        report["kv_decode"] = kv_decode_case(args.quick, args.kv_repeat, args.blocks)
     report["wall_s"] = round(time.perf_counter() - started, 1)
     print(json.dumps(report, indent=2))
 

@@ -26,8 +26,21 @@ def _add_selection(p: argparse.ArgumentParser) -> None:
                         "multiplies its scale; several --adapter merge as the sum of their deltas")
     p.add_argument("--rules", metavar="FILE", help="YAML rules; default: the adapter's own config")
     p.add_argument("--prefix", help="wrapper scope to strip from module paths (default: detected)")
+    add_alias_option(p)
     p.add_argument("--allow-pickle", action="store_true",
                    help="read adapter_model.bin (torch.load with weights_only=True) when no safetensors file exists")
+
+
+def add_alias_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--alias", action="append", metavar="GRAPH=PEFT",
+                   help="rename a module path component of the graph to PEFT's (e.g. attn=self_attn), on top of the "
+                        "detected exporter dialect; repeatable")
+
+
+def aliases(args: argparse.Namespace) -> dict[str, str]:
+    from lorapass.onnx.dialects import parse_aliases
+
+    return parse_aliases(args.alias)
 
 
 def _slot_rule(args: argparse.Namespace):
@@ -51,7 +64,8 @@ def _cmd_rewrite(args: argparse.Namespace) -> int:
 
     rules = _slot_rule(args)
     result = rewrite(args.model, args.output, adapter=args.adapter, rules=rules, strategy=args.strategy,
-                     prefix=args.prefix, allow_pickle=args.allow_pickle, force=args.force, slots=args.slots)
+                     prefix=args.prefix, allow_pickle=args.allow_pickle, force=args.force, aliases=aliases(args),
+                     slots=args.slots)
     summary = {
         "output": str(result.output),
         "strategy": result.strategy,
@@ -75,7 +89,7 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
     adapter = rules = None
     if args.adapter or args.rules:
         adapter, rules = resolve_inputs(args.adapter, args.rules, args.allow_pickle)
-    result = inspect_model(args.model, adapter, rules, args.prefix)
+    result = inspect_model(args.model, adapter, rules, args.prefix, aliases(args))
     print(json.dumps(result.to_dict(), indent=2) if args.json else format_table(result))
     return 0
 
@@ -83,7 +97,7 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
 def _cmd_export_adapter(args: argparse.Namespace) -> int:
     from lorapass.ort_adapter import export_adapter
 
-    out = export_adapter(args.adapter, args.model, args.output)
+    out = export_adapter(args.adapter, args.model, args.output, aliases(args))
     print(f"wrote {out}")
     return 0
 
@@ -121,6 +135,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("adapter", nargs="+", help="PEFT adapter directory (several for a multi graph: ids 1, 2, ... in order)")
     p.add_argument("--model", required=True, help="the graph written by `lorapass rewrite --strategy dynamic` or `multi`")
     p.add_argument("-o", "--output", required=True, help="output .onnx_adapter")
+    add_alias_option(p)
     p.set_defaults(func=_cmd_export_adapter)
 
     from lorapass.cost.cli import add_analyse_parser, add_calibrate_parser

@@ -29,8 +29,10 @@ class Inspection:
             "model": self.model,
             "prefix": self.report.prefix,
             "prefix_source": self.report.prefix_source,
+            "dialect": self.report.dialect,
             "output_heads": self.report.output_heads,
             "unresolved_nodes": self.report.unresolved,
+            "unsupported_nodes": [{"node": n, "reason": r} for n, r in self.report.unsupported],
             "sites": [s.to_dict() | {"target": self.hits.get(s.path)} for s in self.report.sites],
             "unmatched_adapter_modules": self.unmatched_adapter_modules,
             "problems": self.problems,
@@ -38,9 +40,10 @@ class Inspection:
 
 
 def inspect_model(model: str | os.PathLike, adapter: Adapter | None = None, rules: LoraRule | RuleSet | None = None,
-                  prefix: str | None = None) -> Inspection:
+                  prefix: str | None = None, aliases: dict[str, str] | None = None) -> Inspection:
     """Find the sites of ``model`` and, given rules or an adapter, what a rewrite would target."""
-    report = find_sites(load_model(model), prefix=prefix, wanted=adapter.modules if adapter else ())
+    aliases = {**(getattr(rules, "aliases", None) or {}), **(aliases or {})}
+    report = find_sites(load_model(model), prefix=prefix, wanted=adapter.modules if adapter else (), aliases=aliases)
     result = Inspection(str(model), report)
     paths = list(dict.fromkeys(s.path for s in report.sites))
     if adapter is not None:
@@ -69,17 +72,32 @@ def inspect_model(model: str | os.PathLike, adapter: Adapter | None = None, rule
 def format_table(result: Inspection) -> str:
     """A plain-text table of the sites, then the problems."""
     rep = result.report
-    lines = [f"{result.model}: {len(rep.sites)} sites, prefix {rep.prefix!r} ({rep.prefix_source})"]
-    rows = [("path", "op", "layout", "in->out", "dtype", "named by", "target")]
+    lines = [f"{result.model}: {len(rep.sites)} sites, prefix {rep.prefix!r} ({rep.prefix_source}), "
+             f"dialect {rep.dialect}"]
+    rows = [("path", "op", "layout", "packing", "in->out", "dtype", "named by", "target")]
     for s in rep.sites:
         hit = result.hits.get(s.path)
         target = f"{hit['rule']} r={hit['r']} alpha={hit['alpha']:g} scale={hit['scale']:.4g}" if hit else "-"
-        rows.append((s.path, s.op, s.layout, f"{s.in_features}->{s.out_features}", s.dtype, s.source, target))
+        if s.lora:
+            target += f" (has LoRA: {s.lora})"
+        rows.append((s.path, s.op, s.layout, _packing(s), f"{s.in_features}->{s.out_features}", s.dtype,
+                     f"{s.source} ({s.dialect})", target))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     lines += ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
+    for node, reason in rep.unsupported:
+        lines.append(f"not adapted: {node}: {reason}")
     if rep.unresolved:
         lines.append(f"unnamed linear nodes (not targeted): {', '.join(rep.unresolved)}")
     for module, close in result.unmatched_adapter_modules.items():
         lines.append(f"adapter module {module!r} matches no site" + (f" (closest: {close!r})" if close else ""))
     lines += [f"problem: {p}" for p in result.problems]
     return "\n".join(lines)
+
+
+def _packing(site) -> str:
+    """How a site shares or splits a node: a row block of a packed node, or a module over several nodes."""
+    if site.packed:
+        return f"part of {site.packed}"
+    if site.joins:
+        return f"split over {len(site.joins)} nodes"
+    return "-"

@@ -46,24 +46,28 @@ def slots_of(model: str | os.PathLike, graph: ir.Model | None = None) -> tuple[l
     return slots, dtypes
 
 
-def adapter_parameters(adapter: Adapter | Sequence[Adapter], model: str | os.PathLike,
-                       graph: ir.Model | None = None) -> dict[str, np.ndarray]:
+def adapter_parameters(adapter: Adapter | Sequence[Adapter], model: str | os.PathLike, graph: ir.Model | None = None,
+                       aliases: dict[str, str] | None = None) -> dict[str, np.ndarray]:
     """The adapter's values for the dynamic graph's slot inputs (each slot says how, and checks the shapes).
 
     Uses the graph's own ``lorapass.lora`` records for which module paths have slots and each adapter module's
-    own rank and scale (for PEFT: rank_pattern / alpha_pattern / rslora as PEFT resolves them). A multi graph
+    own rank and scale (for PEFT: rank_pattern / alpha_pattern / rslora as PEFT resolves them). ``aliases``
+    (graph components -> the adapter's) rename the slots' paths to the adapter's module names. A multi graph
     takes several adapters (ids 1, 2, ... in order): every bank is written, stacked for them.
     """
+    from lorapass.onnx.dialects import Dialect
+
     adapters = [adapter] if isinstance(adapter, Adapter) else list(adapter)
+    rename = Dialect("alias", aliases=aliases or {}).module_path
     slots, dtypes = slots_of(model, graph)
     banked = any(slot.banked for slot in slots)
     if not adapters or (len(adapters) > 1 and not banked):
         raise AdapterError(f"{model}: a dynamic graph takes one adapter per file, not {len(adapters)} (a graph "
                            "rewritten with --strategy multi takes several)")
-    by_path = {slot.path: slot for slot in slots}
+    known = {rename(path) for slot in slots for path in slot.paths}
     suffix = "_bank" if banked else ""
     for a in adapters:
-        unknown = [m for m in a.modules if m not in by_path]
+        unknown = [m for m in a.modules if m not in known]
         if unknown:
             names = sorted(i.name for slot in slots for i in slot.inputs())
             raise AdapterError(
@@ -72,10 +76,11 @@ def adapter_parameters(adapter: Adapter | Sequence[Adapter], model: str | os.Pat
                 + f"; the graph's LoRA inputs are e.g. {names[:4]}")
     params: dict[str, np.ndarray] = {}
     for slot in slots:
+        chosen = [{path: a.modules[rename(path)] for path in slot.paths if rename(path) in a.modules} for a in adapters]
         if slot.banked:
-            values = slot.values([a.modules.get(slot.path) for a in adapters])
-        elif slot.path in adapters[0].modules:
-            values = slot.values(adapters[0].modules[slot.path])
+            values = slot.stacked(chosen)
+        elif chosen[0]:
+            values = slot.values_for(chosen[0])
         else:
             continue
         for name, array in values.items():
@@ -84,7 +89,7 @@ def adapter_parameters(adapter: Adapter | Sequence[Adapter], model: str | os.Pat
 
 
 def export_adapter(adapter_dir: str | os.PathLike | Adapter | Sequence, model: str | os.PathLike,
-                   output: str | os.PathLike) -> Path:
+                   output: str | os.PathLike, aliases: dict[str, str] | None = None) -> Path:
     """Write ``output`` (.onnx_adapter) holding the adapter's weights for the dynamic graph ``model``, or the
     banks of several adapters (ids 1, 2, ... in order) for a multi graph."""
     import onnxruntime as ort
@@ -92,7 +97,7 @@ def export_adapter(adapter_dir: str | os.PathLike | Adapter | Sequence, model: s
     given = list(adapter_dir) if isinstance(adapter_dir, (list, tuple)) else [adapter_dir]
     adapters = [a if isinstance(a, Adapter) else load_adapter(a) for a in given]
     graph = load_model(model)
-    params = adapter_parameters(adapters, model, graph)
+    params = adapter_parameters(adapters, model, graph, aliases)
     fmt = ort.AdapterFormat()
     fmt.set_parameters({k: ort.OrtValue.ortvalue_from_numpy(v) for k, v in params.items()})
     output, model = Path(output), Path(model)

@@ -141,39 +141,70 @@ def check_feeds(model: onnx.ModelProto, feeds: dict[str, np.ndarray], where: str
     return out
 
 
+def _graphs(graph: onnx.GraphProto) -> list[onnx.GraphProto]:
+    """``graph`` and every subgraph in it (If / Loop / Scan bodies)."""
+    out = [graph]
+    for node in graph.node:
+        for att in node.attribute:
+            for sub in ([att.g] if att.type == onnx.AttributeProto.GRAPH else list(att.graphs)):
+                out += _graphs(sub)
+    return out
+
+
+def _placements(site) -> list[tuple[str, str, str, slice, slice]]:
+    """(node, weight, layout, rows of the weight, rows of the module) for each weight a site's module lives in."""
+    views = getattr(site.storage, "parts", [site.storage])
+    out, at = [], 0
+    for view in views:
+        rows = view.shape[0]
+        out.append((view.node.name or "", view.store.name, view.store.layout, view.rows, slice(at, at + rows)))
+        at += rows
+    return out
+
+
 def _reference(base: Path, targets: list[Target], adapter: Adapter, folder: Path) -> Path:
     """The base with every targeted weight merged by numpy in float64, saved under ``folder``."""
     proto = onnx.load(str(base), load_external_data=True)
-    tensors = {t.name: t for t in proto.graph.initializer}
+    graphs = _graphs(proto.graph)
+    tensors = {t.name: t for g in graphs for t in g.initializer}
     nodes = {n.name: n for n in proto.graph.node}
     readers: dict[str, int] = {}
-    for node in proto.graph.node:
-        for name in node.input:
-            readers[name] = readers.get(name, 0) + 1
-    done: set[str] = set()
+    for graph in graphs:
+        for node in graph.node:
+            for name in node.input:
+                readers[name] = readers.get(name, 0) + 1
+    edits: dict[str, list[tuple[str, str, slice, np.ndarray, str]]] = {}
     for target in targets:
         site = target.site
         a = target.module.a.read().astype(np.float64)
         b = target.module.b.read().astype(np.float64)
         update = target.module.scale * (b @ a)  # [out, in], from the file's own tensors, not the kind's arithmetic
-        node = nodes[site.node]
-        operand = node.input[1]
-        if operand == site.weight and readers.get(site.weight, 0) == 1:
-            if site.weight in done:
-                continue
-            w = numpy_helper.to_array(tensors[site.weight])
-            merged = (w.astype(np.float64) + (update if site.layout == "out_in" else update.T)).astype(w.dtype)
-            tensors[site.weight].CopyFrom(numpy_helper.from_array(merged, site.weight))
-            done.add(site.weight)
-        else:  # a shared (or indirectly read) weight: give this node its own merged copy, in the layout it reads
-            w = numpy_helper.to_array(tensors[site.weight]).astype(np.float64)
-            w_out_in = w if site.layout == "out_in" else w.T
+        for node, weight, layout, rows, module_rows in _placements(site):
+            edits.setdefault(weight, []).append((node, layout, rows, update[module_rows], site.path))
+    for weight, items in edits.items():
+        w = numpy_helper.to_array(tensors[weight])
+        layout = items[0][1]
+        blocks = {(r.start, r.stop, p): (r, u) for _, _, r, u, p in items}  # If branches repeat one edit
+        counts = [sum((r.start, r.stop, p) == key for _, _, r, _, p in items) for key in blocks]
+        one_each = len({key[:2] for key in blocks}) == len(blocks)  # no rows edited by two modules
+        if one_each and all(c == readers.get(weight, 0) for c in counts):  # every reader edited alike: in place
+            merged = w.astype(np.float64) if layout == "out_in" else w.T.astype(np.float64)
+            for r, u in blocks.values():
+                merged[r] += u
+            merged = (merged if layout == "out_in" else merged.T).astype(w.dtype)
+            tensors[weight].CopyFrom(numpy_helper.from_array(merged, weight))
+            continue
+        for node_name in dict.fromkeys(n for n, *_ in items):  # a shared weight: each node its own copy
+            node = nodes[node_name]
+            w_out_in = w.astype(np.float64) if layout == "out_in" else w.T.astype(np.float64)
+            for n, _, r, u, _ in items:
+                if n == node_name:
+                    w_out_in[r] += u
             trans_b = any(att.name == "transB" and att.i == 1 for att in node.attribute)
-            merged = w_out_in + update
-            merged = (merged if trans_b else merged.T).astype(numpy_helper.to_array(tensors[site.weight]).dtype)
-            name, i = f"{site.path}.weight.reference", 1
-            while name in tensors:  # one module may be computed by several nodes
-                name, i = f"{site.path}.weight.reference_{i}", i + 1
+            merged = (w_out_in if trans_b else w_out_in.T).astype(w.dtype)
+            name, i = f"{weight}.reference", 1
+            while name in tensors:
+                name, i = f"{weight}.reference_{i}", i + 1
             proto.graph.initializer.append(numpy_helper.from_array(merged, name))
             tensors[name] = proto.graph.initializer[-1]
             node.input[1] = name
@@ -184,7 +215,7 @@ def _reference(base: Path, targets: list[Target], adapter: Adapter, folder: Path
 
 def verify(base: str | os.PathLike, rewritten: str | os.PathLike, adapter: str | os.PathLike | Adapter,
            inputs: dict[str, np.ndarray] | str | os.PathLike | None = None, tol: float = 1e-4, seed: int = 0,
-           prefix: str | None = None, atol: float = 0.0) -> VerifyReport:
+           prefix: str | None = None, atol: float = 0.0, aliases: dict[str, str] | None = None) -> VerifyReport:
     """Run ``rewritten`` and the independent reference on the same inputs; compare every output.
 
     An output passes when max |rewritten - reference| <= atol + tol · max |reference|. Raises lorapass
@@ -195,7 +226,7 @@ def verify(base: str | os.PathLike, rewritten: str | os.PathLike, adapter: str |
         raise ValueError(f"tolerances must be >= 0 (tol={tol}, atol={atol})")
     base, rewritten = Path(base), Path(rewritten)
     adapter = adapter if isinstance(adapter, Adapter) else load_adapter(adapter)
-    report = find_sites(load_model(base), prefix=prefix, wanted=adapter.modules)
+    report = find_sites(load_model(base), prefix=prefix, wanted=adapter.modules, aliases=aliases)
     targets = plan(report.sites, adapter.rule, report.output_heads, adapter)
     load_model(rewritten)  # typed errors for a missing or corrupt file
     base_proto = onnx.load(str(base), load_external_data=False)
@@ -246,6 +277,9 @@ def add_verify_parser(subparsers) -> None:
     p.add_argument("--atol", type=_tolerance, default=0.0,
                    help="absolute allowance added to it: pass when max |error| <= atol + rtol * max |reference| (default 0)")
     p.add_argument("--prefix", help="wrapper scope to strip from module paths (default: detected)")
+    from lorapass.cli import add_alias_option
+
+    add_alias_option(p)
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=_cmd_verify)
 
@@ -266,7 +300,10 @@ def _cmd_verify(args) -> int:
     import json
     import sys
 
-    report = verify(args.base, args.rewritten, args.adapter, args.inputs, args.tol, prefix=args.prefix, atol=args.atol)
+    from lorapass.cli import aliases
+
+    report = verify(args.base, args.rewritten, args.adapter, args.inputs, args.tol, prefix=args.prefix, atol=args.atol,
+                    aliases=aliases(args))
     if args.json:
         print(json.dumps(report.to_dict(), indent=2))
     else:

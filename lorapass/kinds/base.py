@@ -37,6 +37,11 @@ class Kind(ABC):
     def check(self, site: Site) -> None:
         """Raise ShapeMismatchError naming key, both shapes and the site if this module does not fit ``site``."""
 
+    @property
+    def out_features(self) -> int:
+        """Output rows of the module's delta (packed weights are split by them)."""
+        return self.low_rank()[0].shape[0]
+
     @abstractmethod
     def low_rank(self) -> tuple[np.ndarray, np.ndarray]:
         """(up [out, r], down [r, prod(in dims)]) float32 with up @ down = the delta in torch's layout."""

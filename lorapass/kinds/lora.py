@@ -22,6 +22,10 @@ class Lora(Kind):
     def keys(self) -> dict[str, str]:
         return {"lora_A": self.a.key, "lora_B": self.b.key}
 
+    @property
+    def out_features(self) -> int:
+        return self.b.shape[0]
+
     def check(self, site: Site) -> None:
         expected = {"lora_A": (self.r, site.in_features), "lora_B": (site.out_features, self.r)}
         for role, ref in (("lora_A", self.a), ("lora_B", self.b)):

@@ -18,5 +18,5 @@ def merge(model: ir.Model, targets: list[Target]) -> int:
     for target in targets:
         view = target.site.storage
         target.module.merge(view)
-        stores[id(view.store)] = view.store
+        stores.update({id(store): store for store in view.stores})
     return commit(list(stores.values()), model.graph)

@@ -24,9 +24,10 @@ import onnx_ir as ir
 
 from lorapass.adapter import Adapter
 from lorapass.errors import ModelError, RuleError, UnsupportedError
-from lorapass.onnx.dynamic import SlotGraph
+from lorapass.onnx.dynamic import SlotGraph, refuse_existing, slot_for
 from lorapass.onnx.slots import BankSlot, Branch
 from lorapass.plan import Target
+from lorapass.site import Site
 
 IDS = "lora_ids"
 """The graph input naming each row's adapter."""
@@ -91,56 +92,69 @@ def _batch_first(x: ir.Value, ids: ir.Value) -> bool:
 
 
 def insert_banks(model: ir.Model, targets: Sequence[Sequence[Target]], names: Sequence[str | None]) -> int:
-    """Give every targeted module path a bank and every targeted node a per-row branch; returns the branches.
+    """Give every targeted slot path a bank and every targeted node a per-row branch; returns the targets.
 
     ``targets[k]`` are the targets of adapter k+1 (named ``names[k]``; a target without a module is an empty
     slot; missing lists are empty slots). A path adapter k does not target holds zeros in its slot.
     """
     targets = list(targets) + [[]] * (len(names) - len(targets))
-    for adapter in targets:
-        for t in adapter:
-            if t.module is not None and not t.module.additive:
-                raise UnsupportedError(f"{t.module.source}: {t.module.key()} ({type(t.module).__name__} at "
-                                       f"{t.site.path!r}) is not an additive low-rank delta; PEFT refuses it in "
-                                       "mixed batches too")
+    flat = [t for adapter in targets for t in adapter]
+    refuse_existing(flat)
+    for t in flat:
+        if t.module is not None and not t.module.additive:
+            raise UnsupportedError(f"{t.module.source}: {t.module.key()} ({type(t.module).__name__} at {t.site.path!r}) "
+                                   "is not an additive low-rank delta; PEFT refuses it in mixed batches too")
     g = SlotGraph(model)
     ids, first = _rows(g.graph)
-    by_path: dict[str, list[Target | None]] = defaultdict(lambda: [None] * len(targets))
-    nodes: dict[str, Target] = {}  # one branch per targeted node (a module read by several nodes has several)
-    for k, adapter in enumerate(targets):
-        for t in adapter:
-            by_path[t.site.path][k] = t
-            nodes.setdefault(t.site.node or t.site.output, t)
-    banks = {}
-    for path, chosen in by_path.items():
-        site = next(t.site for t in chosen if t is not None)
-        slot = BankSlot.for_site(site, [t.params for t in chosen if t is not None],
-                                 [t.module if t is not None else None for t in chosen], names, IDS)
-        banks[path] = g.add(slot, slot.values([t.module if t is not None else None for t in chosen]), site.dtype)
+    by_slot: dict[str, list[Target]] = defaultdict(list)
+    for t in flat:
+        by_slot[t.site.slot_path].append(t)
+    for path, members in by_slot.items():
+        sites = list({t.site.path: t for t in members}.values())  # one target per module, for the inner slot
+        modules = [{t.site.path: t.module for t in adapter if t.site.slot_path == path and t.module is not None}
+                   for adapter in targets]
+        bank = BankSlot.around(slot_for(sites), modules, names, IDS, max(t.params.r for t in members))
+        g.add(bank, bank.stacked(modules), members[0].site.dtype)
     shared = Branch()
-    checked = _checked(g.graph, shared, ids, first, next(iter(banks.values()))["lora_A"])
+    checked = _checked(g.graph, shared, ids, first, next(iter(g.slots.values()))[1]["lora_A"])
     rows = shared.op("Shape", [checked], f"{IDS}/rows")
     g.graph.insert_before(g.graph[0], shared.nodes)
-    groups: dict[tuple[str, str], list[Target]] = defaultdict(list)
-    for t in nodes.values():
-        groups[(t.site.input, t.site.dtype)].append(t)
-    for (x_name, _), group in groups.items():
-        x = g.values[x_name]
-        b, tag = Branch(), group[0].site.path
+    groups: dict[tuple, list[Site]] = defaultdict(list)
+    for t in flat:
+        scope = t.site.storage.node.graph if t.site.storage is not None else g.graph
+        groups[(t.site.input, t.site.dtype, id(scope))].append(t.site)
+    branches = 0
+    for group in groups.values():
+        sites = list({site.output: site for site in group}.values())  # one branch per node computing a slot
+        x = g.value(sites[0], sites[0].input)
         rows_first = _batch_first(x, ids)
-        if not rows_first:  # [..., in] -> [batch, tokens, in]; each delta goes back to [..., out]
+        if not rows_first:  # [..., in] -> [batch, tokens, in] once per activation; each delta back to [..., out]
+            b, tag = Branch(), sites[0].slot_path
             leading = b.op("Shape", [x], f"{tag}/lora/Shape", {"start": 0, "end": -1})
-            x = b.op("Reshape", [x, b.op("Concat", [rows, _ints(g.graph, -1, group[0].site.in_features)],
-                                            f"{tag}/lora/rows", {"axis": 0})], f"{tag}/lora/Reshape")
-        for t in group:
-            slot, inputs = g.slots[t.site.path]
-            delta = slot.branch(b, x, inputs | {"ids": checked})
+            shape = b.op("Concat", [rows, _ints(g.graph, -1, sites[0].in_features)], f"{tag}/lora/rows", {"axis": 0})
+            x_rows = b.op("Reshape", [x, shape], f"{tag}/lora/Reshape")
+            _insert_after(x, b.nodes, g.graph)
+        for site in sites:
+            slot, inputs = g.slots[site.slot_path]
+            b = Branch()
+            delta = slot.branch(b, x if rows_first else x_rows, inputs | {"ids": checked})
             if not rows_first:
-                shape = b.op("Concat", [leading, _ints(g.graph, t.site.out_features)], f"{t.site.path}/lora/shape",
-                             {"axis": 0})
-                delta = b.op("Reshape", [delta, shape], f"{t.site.path}/lora/delta")
-            g.join(b, t.site, delta)
-        g.insert(b, group[0].site)
+                out = _ints(g.graph, slot.record["out"])
+                delta = b.op("Reshape", [delta, b.op("Concat", [leading, out], f"{site.slot_path}/lora/shape",
+                                                     {"axis": 0})], f"{site.slot_path}/lora/delta")
+            g.join(b, site, delta)
+            g.insert(b, site)
+            branches += 1
     g.graph.sort()
     g.records()
-    return len(nodes)
+    return branches
+
+
+def _insert_after(x: ir.Value, nodes: list[ir.Node], graph: ir.Graph) -> None:
+    """Place ``nodes`` right after ``x``'s producer, or first in the graph ``x`` is an input of."""
+    producer = x.producer()
+    if producer is not None:
+        producer.graph.insert_after(producer, nodes)
+    else:
+        owner = x.graph or graph
+        owner.insert_before(owner[0], nodes)

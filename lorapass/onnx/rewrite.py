@@ -10,6 +10,7 @@ from typing import Literal
 from lorapass import provenance
 from lorapass.adapter import Adapter, load_adapter
 from lorapass.errors import RuleError, UnsupportedError
+from lorapass.onnx import genai
 from lorapass.onnx.load import load_model
 from lorapass.onnx.merge import merge
 from lorapass.onnx.multi import bank_names, insert_banks
@@ -79,7 +80,7 @@ def strategy_of(rules: LoraRule | RuleSet, strategy: Strategy | None) -> Strateg
 def rewrite(model: str | os.PathLike, output: str | os.PathLike, adapter=None,
             rules: str | os.PathLike | LoraRule | RuleSet | None = None, strategy: Strategy | None = None,
             prefix: str | None = None, allow_pickle: bool = False, progress: bool | None = None,
-            force: bool = False, slots: int | None = None) -> RewriteResult:
+            force: bool = False, aliases: dict[str, str] | None = None, slots: int | None = None) -> RewriteResult:
     """Apply LoRA to the ONNX file ``model`` and write ``output``; the input is never modified.
 
     ``adapter`` is one adapter or a list (an Adapter, a path, or ``PATH:WEIGHT``); several adapters merge as the
@@ -87,7 +88,9 @@ def rewrite(model: str | os.PathLike, output: str | os.PathLike, adapter=None,
     ``rules`` select the targets (default: each adapter's own config). ``slots`` (multi): the bank size in
     adapters, empty slots after the given adapters (all empty without adapters). The output records what was
     applied (:mod:`lorapass.provenance`); applying LoRA to a graph that already has lorapass slots, or merging
-    the same adapter twice, is refused unless ``force``.
+    the same adapter twice, is refused unless ``force``. ``aliases`` map graph path components to PEFT's (on top
+    of the exporter's dialect and the rules' own). An onnxruntime-genai folder's other files (genai_config.json,
+    tokenizer) are written beside the output, in the same all-or-nothing commit.
     """
     rules_file = rules if isinstance(rules, (str, os.PathLike)) else None
     adapters = as_adapters(adapter, allow_pickle)
@@ -101,7 +104,10 @@ def rewrite(model: str | os.PathLike, output: str | os.PathLike, adapter=None,
         raise RuleError("slots are for strategy multi")
     names = bank_names(adapters, slots) if strategy == "multi" else []
     graph = load_model(model)
-    report = find_sites(graph, prefix=prefix, wanted=[m for a in adapters for m in a.modules])
+    data_files = genai.external_files(graph)
+    aliases = {**_rule_aliases(rule_sets), **dict(aliases or {})}
+    report = find_sites(graph, prefix=prefix, wanted={m: k for a in adapters for m, k in a.modules.items()},
+                        aliases=aliases)
     chosen = [plan(report.sites, r, report.output_heads, a) for a, r in zip(adapters or [None], rule_sets)]
     targets = [t for ts in chosen for t in ts]
     provenance.stamp(graph, model, adapters, strategy, targets, force, rules_file)
@@ -113,5 +119,14 @@ def rewrite(model: str | os.PathLike, output: str | os.PathLike, adapter=None,
         from lorapass.onnx.dynamic import insert_lora
 
         insert_lora(graph, targets)
-    stats = save_model(graph, model, output, progress=progress, inputs=provenance.input_files(adapters, rules_file))
+    stats = save_model(graph, model, output, progress=progress, inputs=provenance.input_files(adapters, rules_file),
+                       companions=genai.companions(Path(model), Path(output), data_files))
     return RewriteResult(Path(output), strategy, report, targets, stats, names)
+
+
+def _rule_aliases(rule_sets: list) -> dict[str, str]:
+    """The ``aliases`` of the rules files (graph components -> PEFT's)."""
+    out: dict[str, str] = {}
+    for rules in rule_sets:
+        out.update(getattr(rules, "aliases", {}) or {})
+    return out

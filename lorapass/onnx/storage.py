@@ -88,6 +88,11 @@ class Store(ABC):
     def describe(self) -> str:
         return type(self).__name__
 
+    def identity(self) -> tuple:
+        """Stores with equal identities are one weight (discovery keeps one store per weight, so that the sites
+        of several nodes reading it, such as both branches of an ``If``, edit it together)."""
+        return (id(self),)
+
 
 @dataclass
 class View:
@@ -106,6 +111,11 @@ class View:
     @property
     def dtype(self) -> str:
         return self.store.dtype
+
+    @property
+    def stores(self) -> list[Store]:
+        """The stores this view edits (one, or several for a module split over several weights)."""
+        return [self.store]
 
     def read(self) -> np.ndarray:
         """The site's weight as float32 in torch's layout (the base value: edits are applied at commit)."""
@@ -130,6 +140,79 @@ class View:
             return self.store.describe()
         start, stop, _ = self.rows.indices(self.store.shape[0])
         return f"rows {start}:{stop} of {self.store.describe()}"
+
+
+class Joined:
+    """A module whose rows an exporter stored in several weights (Phi-3's ``qkv_proj`` split into q/k/v nodes):
+    the views of its parts stacked by rows, with a view's verbs. ``add`` gives each part its rows of ``up`` (the
+    same ``down``); ``update(fn)`` gives each part its rows of ``fn`` applied to the whole module."""
+
+    def __init__(self, parts: list[View]) -> None:
+        self.parts = parts
+        self.ops: list[Op] = []
+        self._states: dict[int, np.ndarray] = {}
+
+    @property
+    def node(self) -> ir.Node:
+        return self.parts[0].node
+
+    @property
+    def path(self) -> str:
+        return self.parts[0].path
+
+    @path.setter
+    def path(self, value: str) -> None:
+        for part in self.parts:
+            part.path = value
+
+    @property
+    def rows(self) -> list[int]:
+        """Rows of each part, in order."""
+        return [part.shape[0] for part in self.parts]
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return (sum(self.rows), *self.parts[0].shape[1:])
+
+    @property
+    def dtype(self) -> str:
+        return self.parts[0].dtype
+
+    @property
+    def stores(self) -> list[Store]:
+        return [store for part in self.parts for store in part.stores]
+
+    def read(self) -> np.ndarray:
+        return np.concatenate([part.read() for part in self.parts], axis=0)
+
+    def _blocks(self) -> list[slice]:
+        bounds = np.cumsum([0] + self.rows)
+        return [slice(int(a), int(b)) for a, b in zip(bounds[:-1], bounds[1:])]
+
+    def add(self, up: np.ndarray, down: np.ndarray) -> None:
+        if up.shape[0] != self.shape[0]:
+            raise ValueError(f"{self.describe()}: update {up.shape} @ {down.shape} does not fit {self.shape}")
+        self.ops.append(LowRank(np.asarray(up, np.float32), np.asarray(down, np.float32)))
+        for part, block in zip(self.parts, self._blocks()):
+            part.add(up[block], down)
+
+    def update(self, fn: Callable[[np.ndarray], np.ndarray]) -> None:
+        self.ops.append(fn)
+        step = len(self.ops)
+        for part, block in zip(self.parts, self._blocks()):
+            part.update(lambda _w, block=block: self._state(step)[block])
+
+    def _state(self, step: int) -> np.ndarray:
+        """The whole module after its first ``step`` edits (float32, computed once)."""
+        if step not in self._states:
+            w = self.read()
+            for op in self.ops[:step]:
+                w = op(w)
+            self._states[step] = w
+        return self._states[step]
+
+    def describe(self) -> str:
+        return ", ".join(part.describe() for part in self.parts)
 
 
 def _apply(store: Store, edits: list[Edit]) -> np.ndarray:
@@ -202,6 +285,9 @@ class Plain(Store):
 
     def describe(self) -> str:
         return self.layout
+
+    def identity(self) -> tuple:
+        return (type(self), id(self.value), self.layout)
 
     def _native(self) -> np.ndarray:
         return read(self.tensor)

@@ -1,8 +1,9 @@
 """Site patterns: each recognises one kind of adaptable layer at a node and says how its weight is stored.
 
-A pattern is a function ``node -> Match | Unsupported | None``: a :class:`Match` is a site before naming, an
-:class:`Unsupported` a node that looks adaptable but that lorapass cannot handle (reported by name, never
-silently absent). :data:`PATTERNS` lists them in the order discovery tries them.
+A pattern is a function ``node -> Match | Unsupported | Branch | None``: a :class:`Match` is a site before naming,
+an :class:`Unsupported` a node that looks adaptable but that lorapass cannot handle (reported by name, never
+silently absent), a :class:`Branch` a node of a LoRA branch already in the graph (never a site). :data:`PATTERNS`
+lists them in the order discovery tries them.
 """
 
 from __future__ import annotations
@@ -40,7 +41,16 @@ class Unsupported:
     reason: str
 
 
-Pattern = Callable[[ir.Node], "Match | Unsupported | None"]
+@dataclass
+class Branch:
+    """A node of a LoRA branch already in the graph (``x @ A @ B`` added to a linear's output): not a site.
+    ``joins`` is the value the branch is added to (the adapted linear's output, after its bias)."""
+
+    node: ir.Node
+    joins: ir.Value
+
+
+Pattern = Callable[[ir.Node], "Match | Unsupported | Branch | None"]
 
 
 def standard(node: ir.Node) -> bool:
@@ -68,9 +78,9 @@ def weight_constant(value: ir.Value | None, rank: int = 2) -> ir.Value | None:
 
 
 def _patterns() -> list[Pattern]:
-    from lorapass.onnx.patterns import linear
+    from lorapass.onnx.patterns import linear, lora
 
-    return [linear.match]
+    return [lora.match, linear.match]
 
 
 PATTERNS: list[Pattern] = _patterns()

@@ -1,10 +1,11 @@
-"""The bank slot (strategy ``multi``): every adapter's LoRA weights for one linear site, chosen per batch row.
+"""The bank slot (strategy ``multi``): every adapter's LoRA weights for one site, chosen per batch row.
 
-``p.lora_A_bank`` [slots, in, r] and ``p.lora_B_bank`` [slots, r, out] stack what a linear slot holds (PEFT's
-A transposed; PEFT's B transposed with the scale folded in): slot 0 is the base model (zeros), slot k the k-th
-adapter, zeros where that adapter does not target the site; ``r`` is the largest rank among them, smaller ranks
-padded with zeros (exact: padded columns of A meet zero rows of B). Row b of the batch gathers slot
-``lora_ids[b]`` of both banks, ``delta[b] = (x[b] @ A[ids[b]]) @ B[ids[b]]``: PEFT's mixed-batch forward
+A bank stacks, for slot 0 (the base model: zeros) and then each adapter, what the site's dynamic slot would
+hold for that adapter (its ``inner`` slot: a linear site's A and B, or a packed node's side-by-side A and
+block-structured B): ``p.lora_A_bank`` [slots, in, r] and ``p.lora_B_bank`` [slots, r, out], B with the scale
+folded in, zeros where an adapter does not target the site. ``r`` is the largest rank among the adapters,
+smaller ranks padded with zeros (exact: padded columns of A meet zero rows of B). Row b of the batch gathers
+slot ``lora_ids[b]`` of both banks, ``delta[b] = (x[b] @ A[ids[b]]) @ B[ids[b]]``: PEFT's mixed-batch forward
 (``adapter_names``), one batched MatMul per side. ``slots`` and ``r`` are symbolic, so a bank of any size and
 rank can replace the default at run time (an ONNX Runtime adapter file written by ``export-adapter``).
 """
@@ -16,8 +17,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from lorapass.kinds import Kind
-from lorapass.onnx.slots.base import Branch, Slot, SlotInput, register
-from lorapass.onnx.slots.linear import LinearSlot
+from lorapass.onnx.slots.base import Branch, Slot, SlotInput, from_record, register
 
 SLOTS = "lora_slots"
 """The symbolic bank size (base slot + adapters) every bank shares."""
@@ -34,34 +34,44 @@ class BankSlot(Slot):
     banked = True
 
     @classmethod
-    def for_site(cls, site, params: Sequence, modules: Sequence[Kind | None], names: Sequence[str | None],
-                 ids: str) -> BankSlot:
-        """The bank of ``site`` for adapters ``names`` (slots 1..N); ``params``: the LoRA parameters each rule
-        gives the site (the largest rank is the bank's), ``modules``: each adapter's module there (None: none)."""
-        a, b = input_names(site.path)
-        return cls({"slot": cls.type, "path": site.path, "lora_A": a, "lora_B": b, "in": site.in_features,
-                    "out": site.out_features, "r": max(p.r for p in params), "slots": len(names) + 1, "ids": ids,
-                    "adapters": list(names), "ranks": [m.r if m else 0 for m in modules],
-                    "alphas": [m.alpha if m else None for m in modules],
-                    "scales": [m.scale if m else None for m in modules]})
+    def around(cls, inner: Slot, modules: Sequence[dict[str, Kind]], names: Sequence[str | None], ids: str,
+               rank: int) -> BankSlot:
+        """The bank of ``inner``'s site for adapters ``names`` (ids 1..N), ``modules[k]`` adapter k's modules there
+        (by path; empty: none) and ``rank`` the rank of its default (the largest any rule gives the site)."""
+        a, b = input_names(inner.path)
+        rec = inner.record
+        return cls({"slot": cls.type, "path": inner.path, "lora_A": a, "lora_B": b, "in": rec["in"], "out": rec["out"],
+                    "r": rank, "slots": len(names) + 1, "ids": ids, "adapters": list(names),
+                    "ranks": [sum(m.r for m in ms.values()) for ms in modules],
+                    "modules": [{p: {"r": m.r, "alpha": m.alpha, "scale": m.scale} for p, m in ms.items()}
+                                for ms in modules], "inner": rec})
+
+    @property
+    def paths(self) -> list[str]:
+        return from_record(self.record["inner"]).paths
 
     def inputs(self) -> list[SlotInput]:
         rank, rec = f"{self.path}.r", self.record
         return [SlotInput(rec["lora_A"], (SLOTS, rec["in"], rank), "lora_A"),
                 SlotInput(rec["lora_B"], (SLOTS, rank, rec["out"]), "lora_B")]
 
-    def values(self, modules: Sequence[Kind | None]) -> dict[str, np.ndarray]:
-        """The banks for one module (or None) per adapter, in id order: slot 0 zeros, then each adapter's
-        linear-slot values (shapes checked), padded to the largest rank (the record's rank if none has one)."""
+    def values(self, module: Kind | None) -> dict[str, np.ndarray]:
+        """A bank holding one adapter (id 1)."""
+        return self.stacked([{} if module is None else {module.path: module}])
+
+    def stacked(self, adapters: Sequence[dict[str, Kind]]) -> dict[str, np.ndarray]:
+        """The banks for each adapter's modules here (by path, in id order): slot 0 zeros, then each adapter's
+        inner-slot values (shapes checked), padded to the largest rank (the record's if no adapter has one)."""
         rec = self.record
-        linear = LinearSlot({**rec, "slot": LinearSlot.type})
-        rank = max([m.r for m in modules if m is not None] or [rec["r"]])
-        a = np.zeros((len(modules) + 1, rec["in"], rank), np.float32)
-        b = np.zeros((len(modules) + 1, rank, rec["out"]), np.float32)
-        for k, m in enumerate(modules, start=1):
-            if m is not None:
-                part = linear.values(m)
-                down, up = part[rec["lora_A"]], part[rec["lora_B"]]
+        inner = from_record(rec["inner"])
+        parts = [inner.values_for(modules) if modules else None for modules in adapters]
+        downs = [None if p is None else p[inner.record["lora_A"]] for p in parts]
+        ups = [None if p is None else p[inner.record["lora_B"]] for p in parts]
+        rank = max([d.shape[1] for d in downs if d is not None] or [rec["r"]])
+        a = np.zeros((len(adapters) + 1, rec["in"], rank), np.float32)
+        b = np.zeros((len(adapters) + 1, rank, rec["out"]), np.float32)
+        for k, (down, up) in enumerate(zip(downs, ups), start=1):
+            if down is not None:
                 a[k, :, :down.shape[1]], b[k, :up.shape[0]] = down, up
         return {rec["lora_A"]: a, rec["lora_B"]: b}
 

@@ -33,9 +33,23 @@ class Slot(ABC):
     def __init__(self, record: dict) -> None:
         self.record = record
 
+    @classmethod
+    def for_targets(cls, targets: list) -> Slot:
+        """The slot of the targets sharing one slot path (by default: one module, possibly at several nodes)."""
+        return cls.for_target(targets[0])
+
     @property
     def path(self) -> str:
         return self.record["path"]
+
+    @property
+    def paths(self) -> list[str]:
+        """The adapter module paths whose weights this slot takes."""
+        return [self.path]
+
+    def values_for(self, modules: dict[str, Kind]) -> dict[str, np.ndarray]:
+        """Input values for the adapter modules (by path) this slot takes; absent modules are zero."""
+        return self.values(modules.get(self.path))
 
     @abstractmethod
     def inputs(self) -> list[SlotInput]:
