@@ -108,7 +108,9 @@ def test_metadata_records_the_bank(multi):
     assert all(r["adapters"] == ["a", "b", "c"] and r["slots"] == 4 and r["ids"] == "lora_ids" for r in records.values())
     q, down, v1 = (records[f"model.layers.{i}.{m}"] for i, m in ((0, "self_attn.q_proj"), (0, "mlp.down_proj"), (1, "self_attn.v_proj")))
     assert (q["ranks"], q["r"], down["ranks"], down["r"], v1["ranks"]) == ([4, 8, 0], 8, [0, 2, 0], 2, [4, 0, 2])
-    assert v1["alphas"] == [8, None, 12] and q["scales"] == [2.0, pytest.approx(16 / 8 ** 0.5), None]
+    path = "model.layers.1.self_attn.v_proj"
+    assert v1["modules"] == [{path: {"r": 4, "alpha": 8, "scale": 2.0}}, {}, {path: {"r": 2, "alpha": 12, "scale": 6.0}}]
+    assert q["modules"][1]["model.layers.0.self_attn.q_proj"]["scale"] == pytest.approx(16 / 8 ** 0.5)  # rsLoRA
     inputs = {i.name: [d.dim_value or d.dim_param for d in i.type.tensor_type.shape.dim] for i in proto.graph.input}
     path = "model.layers.0.self_attn.q_proj"
     assert inputs[f"{path}.lora_A_bank"] == ["lora_slots", 32, f"{path}.r"]

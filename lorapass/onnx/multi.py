@@ -113,7 +113,7 @@ def insert_banks(model: ir.Model, targets: Sequence[Sequence[Target]], names: Se
         sites = list({t.site.path: t for t in members}.values())  # one target per module, for the inner slot
         modules = [{t.site.path: t.module for t in adapter if t.site.slot_path == path and t.module is not None}
                    for adapter in targets]
-        bank = BankSlot.around(slot_for(sites), modules, names, IDS, max(t.params.r for t in members))
+        bank = BankSlot.around(slot_for(sites), modules, names, IDS)
         g.add(bank, bank.stacked(modules), members[0].site.dtype)
     shared = Branch()
     checked = _checked(g.graph, shared, ids, first, next(iter(g.slots.values()))[1]["lora_A"])

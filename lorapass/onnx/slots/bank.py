@@ -34,15 +34,15 @@ class BankSlot(Slot):
     banked = True
 
     @classmethod
-    def around(cls, inner: Slot, modules: Sequence[dict[str, Kind]], names: Sequence[str | None], ids: str,
-               rank: int) -> BankSlot:
+    def around(cls, inner: Slot, modules: Sequence[dict[str, Kind]], names: Sequence[str | None], ids: str) -> BankSlot:
         """The bank of ``inner``'s site for adapters ``names`` (ids 1..N), ``modules[k]`` adapter k's modules there
-        (by path; empty: none) and ``rank`` the rank of its default (the largest any rule gives the site)."""
+        (by path; empty: none). Its rank is the largest adapter's (the inner slot's when all are empty)."""
         a, b = input_names(inner.path)
         rec = inner.record
+        ranks = [sum(m.r for m in ms.values()) for ms in modules]
         return cls({"slot": cls.type, "path": inner.path, "lora_A": a, "lora_B": b, "in": rec["in"], "out": rec["out"],
-                    "r": rank, "slots": len(names) + 1, "ids": ids, "adapters": list(names),
-                    "ranks": [sum(m.r for m in ms.values()) for ms in modules],
+                    "r": max(ranks, default=0) or rec["r"], "slots": len(names) + 1, "ids": ids, "adapters": list(names),
+                    "ranks": ranks,
                     "modules": [{p: {"r": m.r, "alpha": m.alpha, "scale": m.scale} for p, m in ms.items()}
                                 for ms in modules], "inner": rec})
 
