@@ -13,9 +13,11 @@ in two phases: decode-like (one token per row; the export has no KV cache, so no
 - ``base``: the model without LoRA, for scale.
 
 Method as in runtime_bench.py: round-robin with alternating direction, blocks of fresh sessions created in a
-rotated order, medians over all runs. ``max_rel_error_multi_vs_per_adapter`` checks that every row of the
-mixed run is its own adapter's output. JSON to stdout.
-Usage: python benchmarks/multi_bench.py [--quick] [--repeat N] [--prefill-repeat N] [--blocks B]
+rotated order, medians over all runs (wall clock; ``cpu_median_ms`` is the process CPU time of the same runs,
+less sensitive to other load on the machine), per-block ratio ranges, and ORT's kernel time of the LoRA nodes
+at decode (``ort_profile``). ``max_rel_error_multi_vs_per_adapter`` checks that every row of the mixed run is
+its own adapter's output. JSON to stdout.
+Usage: python benchmarks/multi_bench.py [--quick] [--repeat N] [--prefill-repeat N] [--blocks B] [--no-profile]
 """
 
 from __future__ import annotations
@@ -34,7 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from llama_graph import linears, write_adapter  # noqa: E402
-from runtime_bench import FULL, QUICK, export, ort_session  # noqa: E402
+from runtime_bench import FULL, QUICK, export, lora_profile, ort_session  # noqa: E402
 
 ADAPTERS, ROWS_EACH, RANK, ALPHA = 4, 2, 16, 32
 TARGETS = {"multi_over_dynamic_same_adapter_decode": 1.25, "multi_over_dynamic_per_adapter": 1.0}
@@ -47,6 +49,8 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=None, help="decode rounds per block (default 20)")
     parser.add_argument("--prefill-repeat", type=int, default=None, help="prefill rounds per block (default 2)")
     parser.add_argument("--blocks", type=int, default=None, help="blocks of fresh sessions, creation order rotated")
+    parser.add_argument("--no-profile", dest="profile", action="store_false",
+                        help="skip the ORT profiling of the LoRA nodes at decode (run after the timings)")
     args = parser.parse_args()
     shape = QUICK if args.quick else FULL
     blocks = args.blocks or (2 if args.quick else 4)
@@ -67,7 +71,10 @@ def main() -> None:
     ids = {phase: torch.randint(0, shape["vocab_size"], (batch, seq), generator=gen).numpy()
            for phase, (seq, _) in phases.items()}
     times = {phase: {name: [] for name in VARIANTS} for phase in phases}
+    cpu = {phase: {name: [] for name in VARIANTS} for phase in phases}
+    ratios = {phase: {"multi_over_dynamic_same_adapter": [], "multi_over_dynamic_per_adapter": []} for phase in phases}
     errors: dict[str, float] = {}
+    profile: dict[str, dict] = {}
     started = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
@@ -110,11 +117,19 @@ def main() -> None:
                 }
                 for run in runners.values():  # warm-up
                     run()
+                local = {name: [] for name in VARIANTS}
                 for i in range(rounds):
                     for name in (VARIANTS if i % 2 == 0 else VARIANTS[::-1]):
-                        t = time.perf_counter()
+                        t, c = time.perf_counter(), time.process_time()
                         runners[name]()
-                        times[phase][name].append(time.perf_counter() - t)
+                        local[name].append(time.perf_counter() - t)
+                        cpu[phase][name].append(time.process_time() - c)
+                med = {name: statistics.median(v) for name, v in local.items()}
+                for name, values in local.items():
+                    times[phase][name] += values
+                for ratio, (a, b) in (("multi_over_dynamic_same_adapter", ("multi", "dynamic_same_adapter")),
+                                      ("multi_over_dynamic_per_adapter", ("multi", "dynamic_per_adapter"))):
+                    ratios[phase][ratio].append(med[a] / med[b])
                 if block == 0:
                     mixed = runners["multi"]()[0]
                     expected = np.empty_like(mixed)
@@ -123,6 +138,10 @@ def main() -> None:
                     errors[phase] = float(np.abs(mixed - expected).max() / np.abs(expected).max())
             del sessions, runners, options
             gc.collect()
+        if args.profile:
+            feeds = {"input_ids": ids["decode"]}
+            for name, extra in (("multi", {"lora_ids": lora_ids}), ("dynamic", {})):
+                profile[name] = lora_profile(paths[name], feeds | extra, 3 * phases["decode"][1], str(tmp / f"profile_{name}"))
 
     report = {"model": {"params": params, **shape, "dtype": "float32"},
               "adapters": {"count": ADAPTERS, "r": RANK, "alpha": ALPHA, "target_modules": "all-linear"},
@@ -133,6 +152,7 @@ def main() -> None:
               "blocks": blocks, "targets": TARGETS, "phases": {}}
     for phase, values in times.items():
         med = {name: statistics.median(v) * 1e3 for name, v in values.items()}
+        cpu_med = {name: statistics.median(v) * 1e3 for name, v in cpu[phase].items()}
         over_a = med["multi"] / med["dynamic_same_adapter"]
         over_b = med["multi"] / med["dynamic_per_adapter"]
         met = {"multi_over_dynamic_per_adapter": over_b < TARGETS["multi_over_dynamic_per_adapter"]}
@@ -144,9 +164,15 @@ def main() -> None:
             "multi_over_dynamic_same_adapter": round(over_a, 3),
             "multi_over_dynamic_per_adapter": round(over_b, 3),
             "dynamic_same_adapter_over_base": round(med["dynamic_same_adapter"] / med["base"], 3),
+            "ratio_range_over_blocks": {k: [round(min(v), 3), round(max(v), 3)] for k, v in ratios[phase].items()},
+            "cpu_median_ms": {k: round(v, 3) for k, v in cpu_med.items()},
+            "cpu_multi_over_dynamic_same_adapter": round(cpu_med["multi"] / cpu_med["dynamic_same_adapter"], 3),
+            "cpu_multi_over_dynamic_per_adapter": round(cpu_med["multi"] / cpu_med["dynamic_per_adapter"], 3),
             "targets_met": met,
             "max_rel_error_multi_vs_per_adapter": float(f"{errors[phase]:.2e}"),
         }
+        if phase == "decode" and profile:
+            report["phases"][phase]["ort_profile"] = profile
     report["wall_s"] = round(time.perf_counter() - started, 1)
     print(json.dumps(report, indent=2))
 
