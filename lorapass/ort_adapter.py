@@ -176,7 +176,10 @@ class Session:
             if self.ids is None:
                 raise AdapterError(f"{self.model}: not a multi graph; per-row adapters need --strategy multi")
             feeds = {**feeds, self.ids: self._ids(adapters, adapter)}
-        if self.ids is not None and self.ids in feeds:
+        if self.ids is not None:
+            if self.ids not in feeds:
+                raise AdapterError(f"{self.model}: a multi graph needs each row's adapter: adapters=[...] or a "
+                                   f"{self.ids!r} feed")
             self._check(feeds, adapter)
         return self.session.run(outputs, feeds, options)
 

@@ -135,6 +135,8 @@ def test_session_runs_adapters_by_name(multi):
         session.run(feeds, adapters=["a", None, None, None])
     with pytest.raises(AdapterError, match=r"row 2 has id 4, outside the bank \(ids 0..3\)"):
         session.run(feeds | {"lora_ids": np.array([0, 1, 4, 0, 0], np.int64)})
+    with pytest.raises(AdapterError, match="needs each row's adapter"):
+        session.run(feeds)
 
 
 @pytest.mark.parametrize("bad", [[0, 1, 4, 0], [0, -1, 0, 0], [0, 1, 2]], ids=["past-end", "negative", "length"])
@@ -200,6 +202,7 @@ def test_export_bank_rejects_modules_without_a_bank(exported, multi, tmp_path, c
     (["--strategy", "dynamic", "--slots", "2", "--target", "q_proj"], "slots are for strategy multi"),
     (["--strategy", "multi", "--target", "q_proj"], "needs adapters"),
     (["--strategy", "multi", "--slots", "1", "--adapter", "{a}", "--adapter", "{b}"], "1 slot(s) cannot hold 2"),
+    (["--strategy", "multi", "--slots", "0", "--target", "q_proj"], "a bank needs at least one slot"),
 ])
 def test_rewrite_multi_bad_options(exported, multi, tmp_path, capsys, args, message):
     _, base = exported("llama")

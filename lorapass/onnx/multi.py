@@ -39,7 +39,8 @@ def bank_names(adapters: Sequence[Adapter], slots: int | None = None) -> list[st
     if slots is None and not adapters:
         raise RuleError("strategy multi needs adapters (--adapter ...) or empty slots (--slots N with --target)")
     if slots is not None and slots < max(1, len(adapters)):
-        raise RuleError(f"{slots} slot(s) cannot hold {len(adapters)} adapter(s)")
+        raise RuleError(f"{slots} slot(s) cannot hold {len(adapters)} adapter(s)" if adapters else
+                        f"--slots {slots}: a bank needs at least one slot")
     names: list[str | None] = []
     for k, adapter in enumerate(adapters, start=1):
         name = adapter.source.name
@@ -87,8 +88,11 @@ def _checked(graph: ir.Graph, b: Branch, ids: ir.Value, first: ir.Value, bank: i
 
 
 def _batch_first(x: ir.Value, ids: ir.Value) -> bool:
-    """Whether ``x`` is known to be [batch, tokens, in] with the batch dim of ``lora_ids``."""
-    return x.shape is not None and len(x.shape) == 3 and x.shape[0] == ids.shape[0]
+    """Whether ``x`` is known to be [batch, tokens, in] with the batch dim of ``lora_ids`` (a named or fixed dim:
+    two unknown dims are not the same)."""
+    batch = ids.shape[0]
+    known = isinstance(batch, int) or batch.value is not None
+    return known and x.shape is not None and len(x.shape) == 3 and x.shape[0] == batch
 
 
 def insert_banks(model: ir.Model, targets: Sequence[Sequence[Target]], names: Sequence[str | None]) -> int:
