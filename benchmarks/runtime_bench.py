@@ -14,7 +14,10 @@ Afterwards ORT's profiler gives the kernel time of the LoRA nodes in the dynamic
 
 ``kv_decode``: real decode steps with a KV cache, on a model built by onnxruntime-genai's builder (~100M
 parameters, fp32, GroupQueryAttention): one token after a past of 512, base vs merged vs dynamic (all-linear
-r=16, defaults baked in) vs LoRA-ready slots with the adapter file active (how adapters are hot-swapped).
+r=16, defaults baked in) vs LoRA-ready slots with the adapter file active (how adapters are hot-swapped); the
+builder's own file (``builder_file``) is timed too; the ratios' reference is the same graph written by
+lorapass's writer (see :func:`kv_decode_variants`). ``min_over_base`` (fastest step over fastest step) is given
+beside the medians: on a shared machine it is the least disturbed estimate.
 :func:`kv_decode_variants` builds the graphs, :func:`kv_decode_bench` times any dict of them (more variants,
 such as int4 builds or DoRA adapters, go into that dict).
 Usage: python benchmarks/runtime_bench.py [--quick] [--repeat N] [--prefill-repeat N] [--blocks B] [--no-profile]
@@ -104,26 +107,34 @@ def lora_profile(path: Path, feeds: dict, runs: int, prefix: str) -> dict:
 def kv_decode_variants(folder: Path, shape: dict, precision: str = "fp32", r: int = 16) -> dict[str, tuple[Path, Path | None]]:
     """Build a genai model of ``shape`` and its LoRA variants under ``folder``: name -> (model.onnx, adapter file
     to activate or None). A real PEFT all-linear adapter of rank ``r`` (non-zero B) is merged, baked into a dynamic
-    graph, and exported for LoRA-ready slots."""
+    graph, and exported for LoRA-ready slots. ``base`` is the builder's graph written by lorapass's writer, as the
+    other variants are, so that file layout is the same in every ratio; ``builder_file`` is the builder's own file
+    of the same graph."""
     from genai import hf_folder, run_builder
     from peft import LoraConfig, get_peft_model
     import transformers as tf
 
+    from lorapass.onnx import genai
+    from lorapass.onnx.load import load_model
     from lorapass.onnx.rewrite import rewrite
+    from lorapass.onnx.save import save_model
     from lorapass.ort_adapter import export_adapter
     from lorapass.rules import LoraRule
 
     torch.manual_seed(0)
     model = tf.LlamaForCausalLM(tf.LlamaConfig(**shape)).eval()
-    base = run_builder(hf_folder(model, folder / "hf"), folder / "base", precision) / "model.onnx"
+    built = run_builder(hf_folder(model, folder / "hf"), folder / "built", precision) / "model.onnx"
+    base = folder / "base" / "model.onnx"
+    graph = load_model(built)
+    save_model(graph, built, base, progress=False, companions=genai.companions(built, base, genai.external_files(graph)))
     peft_model = get_peft_model(model, LoraConfig(r=r, lora_alpha=2 * r, target_modules="all-linear",
                                                   init_lora_weights=False))
     peft_model.save_pretrained(str(folder / "adapter"))
-    variants: dict[str, tuple[Path, Path | None]] = {"base": (base, None)}
+    variants: dict[str, tuple[Path, Path | None]] = {"base": (base, None), "builder_file": (built, None)}
     for name, kwargs in (("merged", {"adapter": folder / "adapter", "strategy": "merge"}),
                          ("dynamic", {"adapter": folder / "adapter", "strategy": "dynamic"}),
                          ("slots", {"rules": LoraRule(name="slots", target_modules="all-linear", r=r, strategy="dynamic")})):
-        variants[name] = (rewrite(base, folder / name / "model.onnx", progress=False, **kwargs).output, None)
+        variants[name] = (rewrite(built, folder / name / "model.onnx", progress=False, **kwargs).output, None)
     adapter = export_adapter(folder / "adapter", variants["slots"][0], folder / "adapter.onnx_adapter")
     variants["slots_with_adapter"] = (variants.pop("slots")[0], adapter)
     return variants
@@ -192,6 +203,7 @@ def kv_decode_bench(variants: dict[str, tuple[Path, Path | None]], past: int = 5
     return {"past": past, "rounds": rounds * blocks, "median_ms": {k: round(v, 3) for k, v in med.items()},
             "max_rel_diff_vs_merged": diff,
             "over_base": {k: round(v / med["base"], 3) for k, v in med.items() if k != "base"},
+            "min_over_base": {k: round(min(v) / min(times["base"]), 3) for k, v in times.items() if k != "base"},
             "ratio_range_over_blocks": {k: [round(min(r), 3), round(max(r), 3)] for k, r in block_ratios.items()}}
 
 

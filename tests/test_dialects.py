@@ -139,8 +139,8 @@ def test_lorapass_slots_are_marked_and_never_get_a_second_set(genai, tmp_path, c
     rewrite(out / "model.onnx", first, rules=LoraRule(name="slots", target_modules=["q_proj", "v_proj"], r=4,
                                                        strategy="dynamic"))
     report = find_sites(load_model(first))
-    marked = sorted(s.path for s in report.sites if s.lora)
-    assert marked == [f"model.layers.{i}.self_attn.{m}_proj" for i in (0, 1) for m in "qv"]
+    marked = sorted(s.path for s in report.sites if s.lora)  # k_proj too: its rows are in the packed node's slot
+    assert marked == [f"model.layers.{i}.self_attn.{m}_proj" for i in (0, 1) for m in "kqv"]
     assert main(["inspect", str(first)]) == 0
     assert "(has LoRA: lorapass slot)" in capsys.readouterr().out
     with pytest.raises(UnsupportedError, match="already has lorapass dynamic LoRA slots"):
@@ -163,3 +163,37 @@ def test_genai_folder_carried_with_a_new_model_name(genai, tmp_path):
     gen = og.Generator(og_model, gen_params)
     gen.append_tokens(PROMPT.astype(np.int32))
     assert rel_err(np.asarray(gen.get_output("logits")), peft_logits(peft_model)) <= 1e-4
+
+
+def test_a_split_module_is_edited_as_one_weight(genai):
+    """A Joined view: additive edits go to each node's rows; ``update(fn)`` sees the whole module (here a fn
+    coupling the parts: scaled by the module's largest entry), as a kind editing a packed module needs."""
+    from lorapass.onnx.storage import commit
+
+    graph = load_model(genai.build("phi3", fuse_qkv="false") / "model.onnx")
+    site = next(s for s in find_sites(graph).sites if s.path == "model.layers.0.self_attn.qkv_proj")
+    rng = np.random.default_rng(0)
+    up, down = rng.standard_normal((site.out_features, 2)).astype(np.float32), rng.standard_normal((2, 64)).astype(np.float32)
+    before = site.storage.read()
+    site.storage.add(up, down)
+    site.storage.update(lambda w: w / np.abs(w).max())
+    assert commit(site.storage.stores, graph.graph) == 3
+    after = np.concatenate([view.store.value.const_value.numpy().T for view in site.storage.parts])
+    expected = (before + up @ down) / np.abs(before + up @ down).max()
+    np.testing.assert_allclose(after, expected, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("family,extra", [("llama", {}), ("phi3", {"fuse_qkv": "false"})], ids=["packed", "split"])
+def test_verify_merges_packed_and_split_sites_independently(genai, tmp_path, family, extra):
+    from genai import feeds
+    from lorapass.verify import verify
+
+    model, _ = genai.model(family)
+    make_adapter(model, tmp_path / "ad", r=4, lora_alpha=2, target_modules="all-linear")
+    base = genai.build(family, **extra) / "model.onnx"
+    inputs = feeds(base, PROMPT)
+    for strategy in ("merge", "dynamic"):
+        out = tmp_path / strategy / "model.onnx"
+        rewrite(base, out, adapter=str(tmp_path / "ad"), strategy=strategy)
+        report = verify(base, out, tmp_path / "ad", inputs=inputs)
+        assert report.passed and all(o.changed_from_base > 1e-2 for o in report.outputs if o.name == "logits")

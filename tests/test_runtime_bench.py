@@ -16,7 +16,7 @@ VARIANTS = {"base", "merged", "dynamic", "dynamic_unfused", "peft_eager"}
 
 def test_runtime_bench_quick_json():
     out = subprocess.run([sys.executable, str(BENCH), "--quick", "--repeat", "2"], check=False,
-                         capture_output=True, text=True, timeout=120)
+                         capture_output=True, text=True, timeout=240)
     assert out.returncode == 0, out.stderr[-2000:]
     report = json.loads(out.stdout)
     assert report["model"]["params"] > 0 and report["adapter"]["r"] == 16
@@ -44,3 +44,11 @@ def test_runtime_bench_quick_json():
         assert {"MatMul", "Add", "Concat", "Split", "Shape"} <= set(fused["lora_by_op"])  # the fused A branch
         assert set(unfused["lora_by_op"]) == {"MatMul", "Add"}
         assert all(op["nodes"] > 0 and op["us_per_node"] > 0 for op in unfused["lora_by_op"].values())
+    kv = report["kv_decode"]  # the KV-cache decode case on a genai-built model
+    assert kv["past"] == 32 and kv["model"]["exporter"] == "onnxruntime-genai builder"
+    assert set(kv["median_ms"]) == {"base", "builder_file", "merged", "dynamic", "slots_with_adapter"}
+    assert all(v > 0 for v in kv["median_ms"].values()) and all(v > 0 for v in kv["over_base"].values())
+    assert all(kv["max_rel_diff_vs_merged"][k] <= 1e-4 for k in ("dynamic", "slots_with_adapter"))
+    assert kv["max_rel_diff_vs_merged"]["base"] > 1e-2  # the adapter changes the logits
+    assert kv["max_rel_diff_vs_merged"]["base"] == kv["max_rel_diff_vs_merged"]["builder_file"]  # one graph
+    assert set(kv["targets_met"]) == {"merged_over_base", "dynamic_over_base", "slots_with_adapter_over_base"}

@@ -67,7 +67,7 @@ class Dialect:
 
     def part_rows(self, packed: str, parts: tuple[str, ...], total: int) -> list[int] | None:
         """Row counts of ``parts`` in a packed weight of ``total`` rows, from the model config (None: unknown)."""
-        if parts == GATE_UP or (len(parts) == 2 and total % 2 == 0 and packed.endswith("gate_up_proj")):
+        if parts == GATE_UP and total % 2 == 0:  # gate and up are both intermediate_size wide
             return [total // 2] * 2
         if parts == QKV and {"q_rows", "kv_rows"} <= set(self.config):
             rows = [self.config["q_rows"], self.config["kv_rows"], self.config["kv_rows"]]

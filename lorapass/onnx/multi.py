@@ -96,7 +96,7 @@ def _batch_first(x: ir.Value, ids: ir.Value) -> bool:
 
 
 def insert_banks(model: ir.Model, targets: Sequence[Sequence[Target]], names: Sequence[str | None]) -> int:
-    """Give every targeted slot path a bank and every targeted node a per-row branch; returns the targets.
+    """Give every targeted slot path a bank and every targeted node a per-row branch; returns the branches added.
 
     ``targets[k]`` are the targets of adapter k+1 (named ``names[k]``; a target without a module is an empty
     slot; missing lists are empty slots). A path adapter k does not target holds zeros in its slot.

@@ -37,6 +37,22 @@ class SiteReport:
             out.setdefault(site.path, []).append(site)
         return out
 
+    def by_node(self) -> dict[str, Site]:
+        """One site per graph node, as the node computes it (for costing nodes): the row-block sites of a packed
+        node as one site of all its rows (named by the packed node's path), a split module as one site per node."""
+        out: dict[str, Site] = {}
+        for site in self.sites:
+            if site.packed:
+                rows = site.storage.store.shape[0]
+                out.setdefault(site.node, replace(site, path=site.packed, out_features=rows, kind="linear", packed=None))
+            elif site.joins:
+                for view, (output, rows) in zip(site.storage.parts, site.joins):
+                    out[view.node.name or ""] = replace(site, node=view.node.name or "", output=output,
+                                                        out_features=rows, joins=(), storage=view)
+            else:
+                out[site.node] = site
+        return out
+
 
 def _root_scope(node: ir.Node) -> str | None:
     """The scope of the outermost transformers model in the dynamo exporter's ``namespace`` record."""
@@ -192,6 +208,6 @@ def find_sites(model: ir.Model, prefix: str | None = None, wanted: Collection[st
         )
     heads = sorted({s.path for s, (m, _, _) in zip(sites, named) if _is_output_head(m.output)})
     sites, kept_whole = packing.expand(sites, dialect, wanted)
-    sites = [replace(s, lora="lorapass slot") if s.lora is None and s.path in slot_paths else s for s in sites]
+    sites = [replace(s, lora="lorapass slot") if s.path in slot_paths else s for s in sites]
     return SiteReport(sites, unresolved, unsupported + kept_whole, chosen, prefix_source if chosen else "none", heads,
                       dialect.name)

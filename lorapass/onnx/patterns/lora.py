@@ -1,7 +1,8 @@
 """LoRA branches already in a graph: ``Add(y, (x @ A) @ B)`` where ``y`` is (after its bias) the output of a
-linear reading the same ``x`` and A, B are 2-D weights (constants, as the genai builder's ``adapter_path`` builds
-write ``/model/layers.N/attn/q_proj/lora_A/MatMul``, or overridable graph inputs, as lorapass and Olive write).
-Both MatMuls of such a branch are :class:`Branch` nodes, never sites."""
+linear reading the same ``x``, and A [in, r], B [r, out] are 2-D weights of a rank r below both widths that
+say they are LoRA: overridable graph inputs (as lorapass and Olive write them), or nodes or weights named
+``lora`` (the genai builder's ``adapter_path`` builds: ``/model/layers.N/attn/q_proj/lora_A/MatMul``). Both
+MatMuls of such a branch are :class:`Branch` nodes, never sites; ``v(q(x)) + k(x)`` is no branch."""
 
 from __future__ import annotations
 
@@ -10,12 +11,22 @@ import onnx_ir as ir
 from lorapass.onnx.patterns import Branch, constant, standard
 
 
-def _factor(value: ir.Value | None) -> bool:
-    """A 2-D weight: an initializer (seen through Identity) or a graph input."""
+def _factor(value: ir.Value | None) -> ir.Value | None:
+    """The 2-D weight behind ``value``: an initializer (seen through Identity) or a graph input."""
     source = constant(value)
     if source is None and value is not None and value.is_graph_input():
         source = value
-    return source is not None and source.shape is not None and len(source.shape) == 2
+    return source if source is not None and source.shape is not None and len(source.shape) == 2 else None
+
+
+def _lora_like(a: ir.Node, b: ir.Node) -> bool:
+    """Low rank (r below in and out, where the shapes say) and named or fed as LoRA."""
+    wa, wb = _factor(a.inputs[1]), _factor(b.inputs[1])
+    (d_in, r), (r_b, d_out) = wa.shape, wb.shape
+    if all(isinstance(d, int) for d in (d_in, r, d_out)) and not r < min(d_in, d_out):
+        return False
+    names = [a.name, b.name, wa.name, wb.name]
+    return wa.is_graph_input() or wb.is_graph_input() or any("lora" in (n or "").lower() for n in names)
 
 
 def _matmul(node: ir.Node | None) -> bool:
@@ -43,6 +54,8 @@ def _joins(a: ir.Node) -> tuple[ir.Node, ir.Value] | None:
     if len(down) != 1 or not _matmul(down[0]) or down[0].inputs[0] is not a.outputs[0]:
         return None
     b = down[0]
+    if not _lora_like(a, b):
+        return None
     adds = b.outputs[0].consumers()
     if len(adds) != 1 or adds[0].op_type != "Add" or not standard(adds[0]):
         return None
