@@ -107,7 +107,8 @@ def main() -> None:
                 rows = [np.flatnonzero(lora_ids == k + 1) for k in range(ADAPTERS)]
 
                 def per_adapter(x=x, rows=rows) -> list[np.ndarray]:
-                    return [sessions["dynamic"].run(None, {"input_ids": x[r]}, options[k][1])[0] for k, r in enumerate(rows)]
+                    return [sessions["dynamic"].run(None, {"input_ids": x[r]}, options[k][1])[0]
+                            for k, r in enumerate(rows)]
 
                 runners = {
                     "multi": lambda x=x: sessions["multi"].run(None, {"input_ids": x, "lora_ids": lora_ids}),
@@ -141,7 +142,8 @@ def main() -> None:
         if args.profile:
             feeds = {"input_ids": ids["decode"]}
             for name, extra in (("multi", {"lora_ids": lora_ids}), ("dynamic", {})):
-                profile[name] = lora_profile(paths[name], feeds | extra, 3 * phases["decode"][1], str(tmp / f"profile_{name}"))
+                profile[name] = lora_profile(paths[name], feeds | extra, 3 * phases["decode"][1],
+                                             str(tmp / f"profile_{name}"))
 
     report = {"model": {"params": params, **shape, "dtype": "float32"},
               "adapters": {"count": ADAPTERS, "r": RANK, "alpha": ALPHA, "target_modules": "all-linear"},

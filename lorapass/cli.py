@@ -121,7 +121,8 @@ def build_parser() -> argparse.ArgumentParser:
     slots.add_argument("--rank", type=int, default=8, help="default slot rank (adapters of any rank fit later)")
     slots.add_argument("--alpha", type=float, help="recorded alpha (default: rank)")
     slots.add_argument("--slots", type=int, metavar="N",
-                       help="multi: banks of N adapter slots (empty ones after any --adapter; fill them with export-adapter)")
+                       help="multi: banks of N adapter slots (empty ones after any --adapter; "
+                            "fill them with export-adapter)")
     p.set_defaults(func=_cmd_rewrite)
 
     p = sub.add_parser("inspect", help="list the sites of an ONNX model and what rules or an adapter target")
@@ -132,8 +133,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("export-adapter", help="write a PEFT adapter as an ONNX Runtime adapter for a dynamic graph, "
                                               "or several as a bank file for a multi graph")
-    p.add_argument("adapter", nargs="+", help="PEFT adapter directory (several for a multi graph: ids 1, 2, ... in order)")
-    p.add_argument("--model", required=True, help="the graph written by `lorapass rewrite --strategy dynamic` or `multi`")
+    p.add_argument("adapter", nargs="+",
+                   help="PEFT adapter directory (several for a multi graph: ids 1, 2, ... in order)")
+    p.add_argument("--model", required=True,
+                   help="the graph written by `lorapass rewrite --strategy dynamic` or `multi`")
     p.add_argument("-o", "--output", required=True, help="output .onnx_adapter")
     add_alias_option(p)
     p.set_defaults(func=_cmd_export_adapter)

@@ -152,7 +152,8 @@ class Session:
                 raise AdapterError(f"{path}: not a bank file for {self.model} (banks of {sorted(slots)} slots)")
             size = slots.pop() - 1
             named = list(adapters) if adapters is not None else [None] * size
-            if len(named) != size or len({n for n in named if n is not None}) != len([n for n in named if n is not None]):
+            given = [n for n in named if n is not None]
+            if len(named) != size or len(set(given)) != len(given):
                 raise AdapterError(f"{path}: holds {size} adapter(s); give as many distinct names, not {named}")
             self.banks[name] = named
         elif adapters is not None:

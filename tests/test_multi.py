@@ -105,18 +105,21 @@ def test_metadata_records_the_bank(multi):
     proto = onnx.load(out, load_external_data=False)
     records = {r["path"]: r for r in json.loads({p.key: p.value for p in proto.metadata_props}["lorapass.lora"])}
     assert {r["slot"] for r in records.values()} == {"bank"}
-    assert all(r["adapters"] == ["a", "b", "c"] and r["slots"] == 4 and r["ids"] == "lora_ids" for r in records.values())
-    q, down, v1 = (records[f"model.layers.{i}.{m}"] for i, m in ((0, "self_attn.q_proj"), (0, "mlp.down_proj"), (1, "self_attn.v_proj")))
+    assert all((r["adapters"], r["slots"], r["ids"]) == (["a", "b", "c"], 4, "lora_ids") for r in records.values())
+    q, down, v1 = (records[f"model.layers.{i}.{m}"]
+                   for i, m in ((0, "self_attn.q_proj"), (0, "mlp.down_proj"), (1, "self_attn.v_proj")))
     assert (q["ranks"], q["r"], down["ranks"], down["r"], v1["ranks"]) == ([4, 8, 0], 8, [0, 2, 0], 2, [4, 0, 2])
     path = "model.layers.1.self_attn.v_proj"
-    assert v1["modules"] == [{path: {"r": 4, "alpha": 8, "scale": 2.0}}, {}, {path: {"r": 2, "alpha": 12, "scale": 6.0}}]
+    assert v1["modules"] == [{path: {"r": 4, "alpha": 8, "scale": 2.0}}, {},
+                             {path: {"r": 2, "alpha": 12, "scale": 6.0}}]
     assert q["modules"][1]["model.layers.0.self_attn.q_proj"]["scale"] == pytest.approx(16 / 8 ** 0.5)  # rsLoRA
     inputs = {i.name: [d.dim_value or d.dim_param for d in i.type.tensor_type.shape.dim] for i in proto.graph.input}
     path = "model.layers.0.self_attn.q_proj"
     assert inputs[f"{path}.lora_A_bank"] == ["lora_slots", 32, f"{path}.r"]
     assert inputs[f"{path}.lora_B_bank"] == ["lora_slots", f"{path}.r", 32]
     assert inputs["lora_ids"] == ["batch"] and len(inputs) == 1 + 1 + 2 * len(records)
-    banks = {i.name: onnx.numpy_helper.to_array(i, str(out.parent)) for i in proto.graph.initializer if i.name.endswith("_bank")}
+    banks = {i.name: onnx.numpy_helper.to_array(i, str(out.parent))
+             for i in proto.graph.initializer if i.name.endswith("_bank")}
     a_bank = banks[f"{path}.lora_A_bank"]
     assert a_bank.shape == (4, 32, 8) and not a_bank[0].any() and not a_bank[1][:, 4:].any() and not a_bank[3].any()
 

@@ -47,7 +47,8 @@ def test_kv_cache_decode_keeps_each_rows_adapter(multi):
     assert (qkv["inner"]["slot"], qkv["ranks"], qkv["r"]) == ("packed", [8, 24], 24)  # q+v of rank 4; q+k+v of rank 8
     full = np.concatenate([PROMPTS, NEXT], axis=1)
     with torch.no_grad():
-        expected = peft_model(input_ids=torch.tensor(full), adapter_names=[r or "__base__" for r in ROWS]).logits.numpy()
+        rows = [r or "__base__" for r in ROWS]
+        expected = peft_model(input_ids=torch.tensor(full), adapter_names=rows).logits.numpy()
         base = model(input_ids=torch.tensor(full)).logits.numpy()
 
     session = Session(out)

@@ -106,8 +106,9 @@ def insert_banks(model: ir.Model, targets: Sequence[Sequence[Target]], names: Se
     refuse_existing(flat)
     for t in flat:
         if t.module is not None and not t.module.additive:
-            raise UnsupportedError(f"{t.module.source}: {t.module.key()} ({type(t.module).__name__} at {t.site.path!r}) "
-                                   "is not an additive low-rank delta; PEFT refuses it in mixed batches too")
+            kind = type(t.module).__name__
+            raise UnsupportedError(f"{t.module.source}: {t.module.key()} ({kind} at {t.site.path!r}) is not an "
+                                   "additive low-rank delta; PEFT refuses it in mixed batches too")
     g = SlotGraph(model)
     ids, first = _rows(g.graph)
     by_slot: dict[str, list[Target]] = defaultdict(list)

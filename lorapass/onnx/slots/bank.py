@@ -41,8 +41,8 @@ class BankSlot(Slot):
         rec = inner.record
         ranks = [sum(m.r for m in ms.values()) for ms in modules]
         return cls({"slot": cls.type, "path": inner.path, "lora_A": a, "lora_B": b, "in": rec["in"], "out": rec["out"],
-                    "r": max(ranks, default=0) or rec["r"], "slots": len(names) + 1, "ids": ids, "adapters": list(names),
-                    "ranks": ranks,
+                    "r": max(ranks, default=0) or rec["r"], "slots": len(names) + 1, "ids": ids,
+                    "adapters": list(names), "ranks": ranks,
                     "modules": [{p: {"r": m.r, "alpha": m.alpha, "scale": m.scale} for p, m in ms.items()}
                                 for ms in modules], "inner": rec})
 
