@@ -20,8 +20,12 @@ lorapass's writer (see :func:`kv_decode_variants`). ``min_over_base`` (fastest s
 beside the medians: on a shared machine it is the least disturbed estimate.
 :func:`kv_decode_variants` builds the graphs, :func:`kv_decode_bench` times any dict of them (more variants,
 such as int4 builds or DoRA adapters, go into that dict).
+
+``kv_decode_int4``: the same decode step on the builder's int4 build (MatMulNBits, its CPU default accuracy level
+4): int4 base vs int4 + dynamic r=16 all-linear (and slots with the adapter active), timed in one round-robin with
+the fp32 base and dynamic, so the LoRA overhead over an int4 base compares with the one over fp32.
 Usage: python benchmarks/runtime_bench.py [--quick] [--repeat N] [--prefill-repeat N] [--blocks B] [--no-profile]
-       [--no-kv | --kv-only] [--kv-repeat N]
+       [--no-kv | --kv-only] [--kv-repeat N] [--no-int4]
 """
 
 from __future__ import annotations
@@ -61,13 +65,14 @@ KV_FULL = dict(vocab_size=32000, hidden_size=768, intermediate_size=2048, num_hi
 KV_QUICK = dict(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                 num_key_value_heads=2, max_position_embeddings=128)
 KV_TARGETS = {"merged_over_base": "1 ± 0.03", "dynamic_over_base": 1.10, "slots_with_adapter_over_base": 1.10}
+INT4_TARGETS = {"int4_dynamic_over_int4_base": 1.15}
 
 
-def ort_session(path: Path, profile_prefix: str | None = None):
+def ort_session(path: Path, profile_prefix: str | None = None, threads: int = 2):
     import onnxruntime as ort
 
     options = ort.SessionOptions()
-    options.intra_op_num_threads = 2
+    options.intra_op_num_threads = threads
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     options.log_severity_level = 3
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
@@ -159,9 +164,13 @@ def kv_feeds(model: Path, past: int, seed: int = 0) -> dict[str, np.ndarray]:
 
 
 def kv_decode_bench(variants: dict[str, tuple[Path, Path | None]], past: int = 512, rounds: int = 40,
-                    blocks: int = 6) -> dict:
+                    blocks: int = 6, threads: int = 1) -> dict:
     """Median ms per decode step of each variant (name -> (model, adapter file or None); ``base`` required) and
-    its ratio to ``base``: round-robin, alternating direction, blocks of fresh sessions in rotated order."""
+    its ratio to ``base``: round-robin, alternating direction, blocks of fresh sessions in rotated order.
+
+    One intra-op thread by default: on this shared 2-core machine a 2-thread pool stalls whenever another
+    process holds a core, which moved identical graphs (base vs merged) by +-15 % between runs; with one thread
+    they stayed within 1.5 %."""
     import onnxruntime as ort
 
     feeds = kv_feeds(variants["base"][0], past)
@@ -174,7 +183,7 @@ def kv_decode_bench(variants: dict[str, tuple[Path, Path | None]], past: int = 5
         runners = {}
         for name in order:
             path, adapter = variants[name]
-            session, options = ort_session(path), ort.RunOptions()
+            session, options = ort_session(path, threads=threads), ort.RunOptions()
             if adapter is not None:
                 lora = ort.LoraAdapter()
                 lora.Load(str(adapter))
@@ -200,7 +209,8 @@ def kv_decode_bench(variants: dict[str, tuple[Path, Path | None]], past: int = 5
     med = {name: statistics.median(v) * 1e3 for name, v in times.items()}
     reference = outputs.get("merged", outputs["base"])
     diff = {k: float(f"{np.abs(v - reference).max() / np.abs(reference).max():.2e}") for k, v in outputs.items()}
-    return {"past": past, "rounds": rounds * blocks, "median_ms": {k: round(v, 3) for k, v in med.items()},
+    return {"past": past, "rounds": rounds * blocks, "intra_op_num_threads": threads,
+            "median_ms": {k: round(v, 3) for k, v in med.items()},
             "max_rel_diff_vs_merged": diff,
             "over_base": {k: round(v / med["base"], 3) for k, v in med.items() if k != "base"},
             "min_over_base": {k: round(min(v) / min(times["base"]), 3) for k, v in times.items() if k != "base"},
@@ -229,6 +239,34 @@ def kv_decode_case(quick: bool, rounds: int | None, blocks: int | None) -> dict:
             "adapter": {"r": 16, "alpha": 32, "target_modules": "all-linear"}, "targets": KV_TARGETS, **result}
 
 
+def kv_decode_int4_case(quick: bool, rounds: int | None, blocks: int | None) -> dict:
+    """The KV-cache decode case over an int4 base, beside fp32: one round-robin of int4 base / dynamic / slots with
+    the adapter and fp32 base / dynamic (the same HF weights and adapter); each LoRA overhead is over its own base."""
+    shape = KV_QUICK if quick else KV_FULL
+    with tempfile.TemporaryDirectory() as tmp:
+        t = time.perf_counter()
+        int4 = kv_decode_variants(Path(tmp) / "int4", shape, "int4")
+        fp32 = kv_decode_variants(Path(tmp) / "fp32", shape, "fp32")
+        build_s = time.perf_counter() - t
+        variants = {name: int4[name] for name in ("base", "dynamic", "slots_with_adapter")}
+        variants |= {"fp32_base": fp32["base"], "fp32_dynamic": fp32["dynamic"]}
+        result = kv_decode_bench(variants, past=32 if quick else 512, rounds=rounds or (3 if quick else 40),
+                                 blocks=blocks or (2 if quick else 6))
+    med = result["median_ms"]
+    int4_over, fp32_over = med["dynamic"] / med["base"], med["fp32_dynamic"] / med["fp32_base"]
+    result.pop("max_rel_diff_vs_merged")  # no merged variant here: int4 merging requantizes (onnx/loss.py reports it)
+    return {"model": {**shape, "precision": "int4 MatMulNBits (builder's CPU default accuracy level 4) and fp32",
+                      "build_s": round(build_s, 1)},
+            "adapter": {"r": 16, "alpha": 32, "target_modules": "all-linear"}, "targets": INT4_TARGETS, **result,
+            "int4_dynamic_over_int4_base": round(int4_over, 3), "fp32_dynamic_over_fp32_base": round(fp32_over, 3),
+            "int4_base_over_fp32_base": round(med["base"] / med["fp32_base"], 3),
+            "int4_overhead_minus_fp32_overhead": round(int4_over - fp32_over, 3),
+            "lora_ms_int4_vs_fp32": [round(med["dynamic"] - med["base"], 3), round(med["fp32_dynamic"] - med["fp32_base"], 3)],
+            "min_int4_dynamic_over_int4_base": result["min_over_base"]["dynamic"],
+            "min_fp32_dynamic_over_fp32_base": round(result["min_over_base"]["fp32_dynamic"] / result["min_over_base"]["fp32_base"], 3),
+            "targets_met": {"int4_dynamic_over_int4_base": int4_over <= INT4_TARGETS["int4_dynamic_over_int4_base"]}}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--quick", action="store_true", help="tiny model, few repeats: a smoke run")
@@ -241,9 +279,13 @@ def main() -> None:
     kv.add_argument("--no-kv", dest="kv", action="store_false", help="skip the KV-cache decode case")
     kv.add_argument("--kv-only", action="store_true", help="run only the KV-cache decode case")
     parser.add_argument("--kv-repeat", type=int, default=None, help="KV decode rounds per block (default 40)")
+    parser.add_argument("--no-int4", dest="int4", action="store_false", help="skip the int4 KV-cache decode case")
     args = parser.parse_args()
     if args.kv_only:
-        print(json.dumps({"kv_decode": kv_decode_case(args.quick, args.kv_repeat, args.blocks)}, indent=2))
+        report = {"kv_decode": kv_decode_case(args.quick, args.kv_repeat, args.blocks)}
+        if args.int4:
+            report["kv_decode_int4"] = kv_decode_int4_case(args.quick, args.kv_repeat, args.blocks)
+        print(json.dumps(report, indent=2))
         return
     shape = QUICK if args.quick else FULL
     repeat = args.repeat or (3 if args.quick else 30)
@@ -365,6 +407,8 @@ def main() -> None:
         report["phases"][phase] = entry
     if args.kv:
         report["kv_decode"] = kv_decode_case(args.quick, args.kv_repeat, args.blocks)
+        if args.int4:
+            report["kv_decode_int4"] = kv_decode_int4_case(args.quick, args.kv_repeat, args.blocks)
     report["wall_s"] = round(time.perf_counter() - started, 1)
     print(json.dumps(report, indent=2))
 

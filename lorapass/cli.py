@@ -75,6 +75,11 @@ def _cmd_rewrite(args: argparse.Namespace) -> int:
         "bytes_written": result.stats.bytes_written,
     }
     text = f"{result.strategy}: {summary['targets']} of {summary['sites']} sites -> {result.output}"
+    if result.requantization is not None:
+        summary["requantization"] = result.requantization
+        if result.requantization["warning"]:
+            print(f"lorapass: warning: {result.requantization['warning']}", file=sys.stderr)
+        text += f" ({result.requantization['delta_kept']:.1%} of the delta kept by requantization)"
     if result.strategy == "multi":
         summary["lora_ids"] = [None, *result.adapters]  # index = id; None: the base (0) or an empty slot
         text += "; lora_ids 0=base " + " ".join(f"{k}={n or '(empty)'}" for k, n in enumerate(result.adapters, 1))

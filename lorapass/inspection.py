@@ -9,6 +9,9 @@ from dataclasses import dataclass, field
 from lorapass.adapter import Adapter
 from lorapass.errors import LorapassError
 from lorapass.onnx.load import load_model
+from lorapass.onnx.loss import summary
+from lorapass.onnx.merge import record
+from lorapass.onnx.storage import dry_run
 from lorapass.onnx.sites import SiteReport, find_sites
 from lorapass.plan import check_adapter, plan
 from lorapass.rules import LoraRule, RuleSet
@@ -23,6 +26,7 @@ class Inspection:
     hits: dict[str, dict] = field(default_factory=dict)  # site path -> {"rule", "r", "alpha", "scale"}
     problems: list[str] = field(default_factory=list)
     unmatched_adapter_modules: dict[str, str | None] = field(default_factory=dict)  # module -> closest site
+    requantization: dict | None = None  # what a merge would keep of the adapter's delta in quantized weights
 
     def to_dict(self) -> dict:
         return {
@@ -36,6 +40,7 @@ class Inspection:
             "sites": [s.to_dict() | {"target": self.hits.get(s.path)} for s in self.report.sites],
             "unmatched_adapter_modules": self.unmatched_adapter_modules,
             "problems": self.problems,
+            "requantization": self.requantization,
         }
 
 
@@ -66,7 +71,19 @@ def inspect_model(model: str | os.PathLike, adapter: Adapter | None = None, rule
             check_adapter(targets, adapter, paths)
         except LorapassError as exc:
             result.problems.append(str(exc))
+            return result
+        try:
+            result.requantization = _requantization(report, rules, adapter)
+        except LorapassError as exc:  # rules that rescale the adapter's own r / alpha
+            result.problems.append(str(exc))
     return result
+
+
+def _requantization(report: SiteReport, rules: LoraRule | RuleSet, adapter: Adapter) -> dict | None:
+    """What merging ``adapter`` would keep of its delta where the weights are stored lossily (a dry run)."""
+    if not any(store.lossy for site in report.sites for store in site.storage.stores):
+        return None
+    return summary(dry_run(record(plan(report.sites, rules, report.output_heads, adapter))))
 
 
 def format_table(result: Inspection) -> str:
@@ -91,6 +108,13 @@ def format_table(result: Inspection) -> str:
     for module, close in result.unmatched_adapter_modules.items():
         lines.append(f"adapter module {module!r} matches no site" + (f" (closest: {close!r})" if close else ""))
     lines += [f"problem: {p}" for p in result.problems]
+    if result.requantization is not None:
+        q = result.requantization
+        worst = min(q["sites"].items(), key=lambda kv: kv[1]["kept"])
+        lines.append(f"merge would keep {q['delta_kept']:.1%} of the adapter's delta after requantization "
+                     f"(least: {worst[0]} {worst[1]['kept']:.1%})")
+        if q["warning"]:
+            lines.append(f"warning: {q['warning']}")
     return "\n".join(lines)
 
 

@@ -2,7 +2,8 @@
 
 The reference is built independently of the merge strategy: the base model is loaded with the ``onnx``
 package, each targeted weight gets W + scale·(B @ A) computed by numpy in float64 (then cast to W's
-dtype), and ONNX Runtime runs it. Site naming and rule matching are shared with the pass (one
+dtype; a quantized weight is dequantized first by :mod:`lorapass.dequant` and the node computes with the float
+merged weight), and ONNX Runtime runs it. Site naming and rule matching are shared with the pass (one
 implementation of PEFT's semantics); the arithmetic and the graph writing are not.
 """
 
@@ -17,6 +18,7 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
+from lorapass import dequant
 from lorapass.adapter import Adapter, load_adapter
 from lorapass.errors import ModelError
 from lorapass.onnx.load import load_model
@@ -53,10 +55,13 @@ class VerifyReport:
 
 
 def _session(path: Path):
+    """An ORT session computing as the graph says: blocked int4 QDQ weights are fused into MatMulNBits in float
+    (ORT's default fuses them with int8 activations, which no float reference reproduces)."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
     options.log_severity_level = 3
+    options.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", "1")
     return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 
@@ -174,12 +179,18 @@ def _reference(base: Path, targets: list[Target], adapter: Adapter, folder: Path
             for name in node.input:
                 readers[name] = readers.get(name, 0) + 1
     edits: dict[str, list[tuple[str, str, slice, np.ndarray, str]]] = {}
+    quantized: dict[str, np.ndarray] = {}  # quantized node -> its merged float64 weight [out, in]
     for target in targets:
         site = target.site
         a = target.module.a.read().astype(np.float64)
         b = target.module.b.read().astype(np.float64)
         update = target.module.scale * (b @ a)  # [out, in], from the file's own tensors, not the kind's arithmetic
         for node, weight, layout, rows, module_rows in _placements(site):
+            if _dequantizer(proto, nodes[node]) is not None:  # a quantized weight: this node computes in float
+                if node not in quantized:
+                    quantized[node] = _dequantized(proto, nodes[node], tensors)
+                quantized[node][rows] += update[module_rows]
+                continue
             edits.setdefault(weight, []).append((node, layout, rows, update[module_rows], site.path))
     for weight, items in edits.items():
         w = numpy_helper.to_array(tensors[weight])
@@ -208,9 +219,65 @@ def _reference(base: Path, targets: list[Target], adapter: Adapter, folder: Path
             proto.graph.initializer.append(numpy_helper.from_array(merged, name))
             tensors[name] = proto.graph.initializer[-1]
             node.input[1] = name
+    for name, w in quantized.items():
+        _float_weight(proto, nodes[name], w, tensors)
     path = folder / "reference.onnx"
     onnx.save_model(proto, str(path), save_as_external_data=True, location="reference.onnx.data")
     return path
+
+
+def _producers(proto: onnx.ModelProto) -> dict[str, onnx.NodeProto]:
+    return {out: n for n in proto.graph.node for out in n.output}
+
+
+def _dequantizer(proto: onnx.ModelProto, node: onnx.NodeProto) -> tuple[onnx.NodeProto, int] | None:
+    """(the node that dequantizes ``node``'s weight, Transposes between them) for a quantized linear, else None."""
+    if node.op_type == "MatMulNBits":
+        return node, 0
+    producers, value, flips = _producers(proto), node.input[1] if len(node.input) > 1 else "", 0
+    while value in producers and producers[value].op_type in ("Identity", "Transpose"):
+        flips += producers[value].op_type == "Transpose"
+        value = producers[value].input[0]
+    producer = producers.get(value)
+    return (producer, flips) if producer is not None and producer.op_type == "DequantizeLinear" else None
+
+
+def _dequantized(proto: onnx.ModelProto, node: onnx.NodeProto, tensors) -> np.ndarray:
+    """A quantized linear's weight [out, in] in float64, dequantized by :mod:`lorapass.dequant`."""
+    dq, flips = _dequantizer(proto, node)
+    arrays = {name: numpy_helper.to_array(tensors[name]) for name in dq.input if name in tensors}
+    if dq is node:
+        return dequant.matmul_nbits(node, arrays)
+    w = dequant.dequantize_linear(dq, arrays)
+    w = w.T if flips % 2 else w  # the operand as the node reads it
+    trans_b = any(att.name == "transB" and att.i == 1 for att in node.attribute)
+    return w if node.op_type == "Gemm" and trans_b else w.T
+
+
+def _float_weight(proto: onnx.ModelProto, node: onnx.NodeProto, w: np.ndarray, tensors) -> None:
+    """Make the quantized linear ``node`` compute with the float weight ``w`` [out, in] (in its activation's type)."""
+    dq, _ = _dequantizer(proto, node)
+    dtype = numpy_helper.to_array(tensors[dq.input[2 if dq is node else 1]]).dtype  # the scales' float type
+    name = f"{node.name}.weight.reference"
+    if dq is node:  # MatMulNBits -> MatMul (+ its bias input as an Add)
+        bias = node.input[5] if len(node.input) > 5 and node.input[5] else None
+        proto.graph.initializer.append(numpy_helper.from_array(np.ascontiguousarray(w.T).astype(dtype), name))
+        output = node.output[0]
+        inputs = [node.input[0], name]
+        node.ClearField("attribute")
+        del node.input[:]
+        node.input.extend(inputs)
+        node.op_type, node.domain = "MatMul", ""
+        if bias:
+            node.output[0] = f"{output}.reference"
+            index = list(proto.graph.node).index(node)
+            proto.graph.node.insert(index + 1, onnx.helper.make_node("Add", [node.output[0], bias], [output],
+                                                                     name=f"{node.name}/bias"))
+        return
+    trans_b = node.op_type == "Gemm" and any(att.name == "transB" and att.i == 1 for att in node.attribute)
+    stored = np.ascontiguousarray(w if trans_b else w.T).astype(dtype)
+    proto.graph.initializer.append(numpy_helper.from_array(stored, name))
+    node.input[1] = name
 
 
 def verify(base: str | os.PathLike, rewritten: str | os.PathLike, adapter: str | os.PathLike | Adapter,

@@ -90,8 +90,9 @@ HF_PACKED = {"phi3": {"qkv_proj": QKV, "gate_up_proj": GATE_UP}}
 TORCH = Dialect("torch", hf_packed=HF_PACKED)
 """torch's exporters (dynamo, TorchScript) and optimum: module paths as torch wrote them."""
 
-GENAI = Dialect("genai", aliases={"attn": "self_attn"}, drop=frozenset({"MatMul"}), packed=PACKED, hf_packed=HF_PACKED)
-"""onnxruntime-genai's model builder: ``/model/layers.N/attn/qkv_proj/MatMul``, ``lm_head.MatMul.weight``."""
+GENAI = Dialect("genai", aliases={"attn": "self_attn"}, drop=frozenset({"MatMul", "Add"}), packed=PACKED, hf_packed=HF_PACKED)
+"""onnxruntime-genai's model builder: ``/model/layers.N/attn/qkv_proj/MatMul``, ``lm_head.MatMul.weight``, biases
+``...qkv_proj.Add.bias`` (the names left where MatMulNBits renamed the weight ``...MatMul.weight_Q4``)."""
 
 DIALECTS = {d.name: d for d in (TORCH, GENAI)}
 
@@ -119,10 +120,16 @@ def _split_alias(text: str) -> tuple[str, str]:
     return old.strip(), new.strip()
 
 
+_QUANTIZED = re.compile(r"_Q\d+$")  # ORT's quantizer suffix: node /a/MatMul_Q4 over a.MatMul.weight_Q4
+
+
 def _builder_named(node: ir.Node, weight: ir.Value) -> bool:
-    """The genai builder's convention: initializer = node name without its leading '/', '/' -> '.', + '.weight'."""
-    name = node.name or ""
-    return name.startswith("/") and weight.name == name[1:].replace("/", ".") + ".weight"
+    """The genai builder's convention: initializer = node name without its leading '/', '/' -> '.', + '.weight'
+    (both with the same ``_Q<bits>`` suffix when quantized to MatMulNBits)."""
+    name, suffix = node.name or "", ""
+    if (found := _QUANTIZED.search(name)) is not None:
+        name, suffix = name[:found.start()], found.group()
+    return name.startswith("/") and weight.name == name[1:].replace("/", ".") + ".weight" + suffix
 
 
 def _read_config(folder: Path, model_file: str) -> tuple[str | None, str | None, dict]:

@@ -12,6 +12,7 @@ from lorapass.adapter import Adapter, load_adapter
 from lorapass.errors import RuleError, UnsupportedError
 from lorapass.onnx import genai
 from lorapass.onnx.load import load_model
+from lorapass.onnx.loss import summary
 from lorapass.onnx.merge import merge
 from lorapass.onnx.multi import bank_names, insert_banks
 from lorapass.onnx.save import SaveStats, save_model
@@ -31,6 +32,7 @@ class RewriteResult:
     report: SiteReport
     targets: list[Target]
     stats: SaveStats = field(default_factory=SaveStats)
+    requantization: dict | None = None  # merge into lossy (quantized) weights: how much delta survived (onnx/loss.py)
     adapters: list[str | None] = field(default_factory=list)  # multi: the adapter of each id from 1 (None: empty)
 
 
@@ -120,8 +122,10 @@ def rewrite(model: str | os.PathLike, output: str | os.PathLike, adapter=None,
 
         insert_lora(graph, targets)
     stats = save_model(graph, model, output, progress=progress, inputs=provenance.input_files(adapters, rules_file),
-                       companions=genai.companions(Path(model), Path(output), data_files))
-    return RewriteResult(Path(output), strategy, report, targets, stats, names)
+                       companions=genai.companions(Path(model), Path(output), data_files))  # computes merged weights
+    stores = {id(s): s for t in targets for s in t.site.storage.stores}.values()  # ... and records their losses
+    return RewriteResult(Path(output), strategy, report, targets, stats,
+                         summary([x for s in stores for x in s.losses]), names)
 
 
 def _rule_aliases(rule_sets: list) -> dict[str, str]:

@@ -201,7 +201,7 @@ def _place_tensor(value: ir.Value, files: dict[str, _DataFile], primary: _DataFi
         if not isinstance(tensor, ir.Tensor):  # materialise a lazy tensor into an inline one
             value.const_value = ir.Tensor(tensor.numpy(), name=value.name)
         return
-    array = tensor.numpy()
+    array = tensor.numpy() if tensor.dtype.bitwidth >= 8 else np.frombuffer(tensor.tobytes(), np.uint8)  # int4: packed
     io.submit(_write_at, file.tmp, offset, array)
     file.size = max(file.size, offset + array.nbytes)
     stats.bytes_written += array.nbytes

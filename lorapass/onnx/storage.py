@@ -17,11 +17,13 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 import numpy as np
 import onnx_ir as ir
 
 from lorapass.onnx.fold import fold, read
+from lorapass.onnx.loss import Loss, measure
 from lorapass.onnx.save import REPLACES
 
 _SEE_THROUGH = {"Identity", "Transpose"}
@@ -60,11 +62,17 @@ def readers(value: ir.Value) -> set[ir.Node]:
 
 
 class Store(ABC):
-    """One stored weight; subclasses say how it is laid out and encoded."""
+    """One stored weight; subclasses say how it is laid out and encoded.
+
+    A ``lossy`` store cannot hold every float weight (a quantized one): its :meth:`roundtrip` is what a written
+    weight reads back as, and each write records in ``losses`` how much of each site's delta it kept."""
+
+    lossy: ClassVar[bool] = False
 
     def __init__(self, name: str, shape: tuple[int, ...], dtype: str) -> None:
         self.name, self.shape, self.dtype = name, shape, dtype
         self.edits: dict[ir.Node, list[Edit]] = {}
+        self.losses: list[Loss] = []
 
     @abstractmethod
     def readers(self) -> set[ir.Node]:
@@ -87,6 +95,10 @@ class Store(ABC):
 
     def describe(self) -> str:
         return type(self).__name__
+
+    def roundtrip(self, w: np.ndarray) -> np.ndarray:
+        """What the store reads back as after writing ``w`` (float32, torch layout); lossless stores hold ``w``."""
+        return w
 
     def identity(self) -> tuple:
         """Stores with equal identities are one weight (discovery keeps one store per weight, so that the sites
@@ -238,6 +250,32 @@ def _as_low_rank(store: Store, edits: list[Edit]) -> LowRank | None:
     return LowRank(up, np.concatenate([e.op.down for e in edits], axis=0))
 
 
+def _losses(store: Store, edits: list[Edit], w: np.ndarray) -> list[Loss]:
+    return measure(store.name, edits, store.read(), w, store.roundtrip(w))
+
+
+def _merged(store: Store, edits: list[Edit]) -> Callable[[], np.ndarray]:
+    """The weight after ``edits``, computed when written; a lossy store records what the write keeps."""
+    def compute() -> np.ndarray:
+        w = _apply(store, edits)
+        if store.lossy:
+            store.losses += _losses(store, edits, w)
+        return w
+
+    return compute
+
+
+def dry_run(stores: list[Store]) -> list[Loss]:
+    """What writing the lossy stores' pending edits would keep, without writing (the edits are dropped)."""
+    out = []
+    for store in stores:
+        if store.lossy:
+            for edits in store.edits.values():
+                out += _losses(store, edits, _apply(store, edits))
+        store.edits.clear()
+    return out
+
+
 def commit(stores: list[Store], graph: ir.Graph) -> int:
     """Write every edited store once (in place, or copied for each editing node); returns the weights written."""
     written = 0
@@ -249,12 +287,12 @@ def commit(stores: list[Store], graph: ir.Graph) -> int:
         shared = store.readers() <= set(store.edits) and all([(e.rows, e.path) for e in el] == signature for el in lists)
         if shared:
             edits = lists[0]
-            store.write(lambda edits=edits: _apply(store, edits), _as_low_rank(store, edits))
+            store.write(_merged(store, edits), _as_low_rank(store, edits))
             written += 1
         else:
             for node, edits in store.edits.items():
                 path = edits[0].path or store.name
-                store.write_copy(graph, node, lambda edits=edits: _apply(store, edits), unique_name(graph, f"{path}.weight"))
+                store.write_copy(graph, node, _merged(store, edits), unique_name(graph, f"{path}.weight"))
                 written += 1
         store.edits.clear()
     return written
@@ -320,7 +358,7 @@ class Plain(Store):
         self.value.meta[REPLACES] = original
 
     def write_copy(self, graph: ir.Graph, node: ir.Node, compute: Callable[[], np.ndarray], name: str) -> None:
-        index = next(i for i, v in enumerate(node.inputs) if v is not None and _behind(v, self.value))
+        index = next(i for i, v in enumerate(node.inputs) if v is not None and behind(v, self.value))
         layout = _operand_layout(node, self.layout)
         dims = self.shape[::-1] if layout == "in_out" and len(self.shape) == 2 else self.shape
         original = self.tensor
@@ -331,7 +369,7 @@ class Plain(Store):
         node.replace_input_with(index, new)
 
 
-def _behind(value: ir.Value, source: ir.Value) -> bool:
+def behind(value: ir.Value, source: ir.Value) -> bool:
     """Whether ``value`` is ``source`` or derived from it through Identity/Transpose."""
     while value is not source:
         producer = value.producer()

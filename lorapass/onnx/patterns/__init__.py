@@ -68,19 +68,23 @@ def constant(value: ir.Value | None) -> ir.Value | None:
     return value
 
 
-def weight_constant(value: ir.Value | None, rank: int = 2) -> ir.Value | None:
-    """An initializer of ``rank`` dimensions behind ``value`` that is not also a graph input (an overridable
-    input, such as a LoRA slot, is no weight)."""
+def fixed(value: ir.Value | None) -> ir.Value | None:
+    """The initializer behind ``value`` unless it is also a graph input (an overridable input, such as a LoRA
+    slot, is no weight)."""
     source = constant(value)
-    if source is None or source.is_graph_input() or len(source.const_value.shape) != rank:
-        return None
-    return source
+    return None if source is None or source.is_graph_input() else source
+
+
+def weight_constant(value: ir.Value | None, rank: int = 2) -> ir.Value | None:
+    """An initializer of ``rank`` dimensions behind ``value`` that is not also a graph input."""
+    source = fixed(value)
+    return source if source is not None and len(source.const_value.shape) == rank else None
 
 
 def _patterns() -> list[Pattern]:
-    from lorapass.onnx.patterns import linear, lora
+    from lorapass.onnx.patterns import integer, linear, lora, nbits, qdq
 
-    return [lora.match, linear.match]
+    return [lora.match, linear.match, nbits.match, qdq.match, integer.match]
 
 
 PATTERNS: list[Pattern] = _patterns()
