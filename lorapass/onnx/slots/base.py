@@ -27,6 +27,8 @@ class Slot(ABC):
     """One site's (or one packed node's) LoRA branch in a dynamic graph."""
 
     type: ClassVar[str]
+    banked: ClassVar[bool] = False
+    """Whether the slot holds several adapters at once (``values`` then takes one module per adapter)."""
 
     def __init__(self, record: dict) -> None:
         self.record = record
@@ -55,7 +57,8 @@ class Slot(ABC):
 
     @abstractmethod
     def values(self, module: Kind | None) -> dict[str, np.ndarray]:
-        """Input name -> float32 value for an adapter module (zeros for None: the graph equals the base)."""
+        """Input name -> float32 value for an adapter module (zeros for None: the graph equals the base); a slot
+        holding several adapters (a bank) takes one module or None per adapter, in id order."""
 
     @abstractmethod
     def branch(self, b: Branch, x, inputs: dict) -> object:
