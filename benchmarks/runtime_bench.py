@@ -68,11 +68,11 @@ KV_TARGETS = {"merged_over_base": "1 ± 0.03", "dynamic_over_base": 1.10, "slots
 INT4_TARGETS = {"int4_dynamic_over_int4_base": 1.15}
 
 
-def ort_session(path: Path, profile_prefix: str | None = None):
+def ort_session(path: Path, profile_prefix: str | None = None, threads: int = 2):
     import onnxruntime as ort
 
     options = ort.SessionOptions()
-    options.intra_op_num_threads = 2
+    options.intra_op_num_threads = threads
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     options.log_severity_level = 3
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
@@ -164,9 +164,13 @@ def kv_feeds(model: Path, past: int, seed: int = 0) -> dict[str, np.ndarray]:
 
 
 def kv_decode_bench(variants: dict[str, tuple[Path, Path | None]], past: int = 512, rounds: int = 40,
-                    blocks: int = 6) -> dict:
+                    blocks: int = 6, threads: int = 1) -> dict:
     """Median ms per decode step of each variant (name -> (model, adapter file or None); ``base`` required) and
-    its ratio to ``base``: round-robin, alternating direction, blocks of fresh sessions in rotated order."""
+    its ratio to ``base``: round-robin, alternating direction, blocks of fresh sessions in rotated order.
+
+    One intra-op thread by default: on this shared 2-core machine a 2-thread pool stalls whenever another
+    process holds a core, which moved identical graphs (base vs merged) by +-15 % between runs; with one thread
+    they stayed within 1.5 %."""
     import onnxruntime as ort
 
     feeds = kv_feeds(variants["base"][0], past)
@@ -179,7 +183,7 @@ def kv_decode_bench(variants: dict[str, tuple[Path, Path | None]], past: int = 5
         runners = {}
         for name in order:
             path, adapter = variants[name]
-            session, options = ort_session(path), ort.RunOptions()
+            session, options = ort_session(path, threads=threads), ort.RunOptions()
             if adapter is not None:
                 lora = ort.LoraAdapter()
                 lora.Load(str(adapter))
@@ -205,7 +209,8 @@ def kv_decode_bench(variants: dict[str, tuple[Path, Path | None]], past: int = 5
     med = {name: statistics.median(v) * 1e3 for name, v in times.items()}
     reference = outputs.get("merged", outputs["base"])
     diff = {k: float(f"{np.abs(v - reference).max() / np.abs(reference).max():.2e}") for k, v in outputs.items()}
-    return {"past": past, "rounds": rounds * blocks, "median_ms": {k: round(v, 3) for k, v in med.items()},
+    return {"past": past, "rounds": rounds * blocks, "intra_op_num_threads": threads,
+            "median_ms": {k: round(v, 3) for k, v in med.items()},
             "max_rel_diff_vs_merged": diff,
             "over_base": {k: round(v / med["base"], 3) for k, v in med.items() if k != "base"},
             "min_over_base": {k: round(min(v) / min(times["base"]), 3) for k, v in times.items() if k != "base"},

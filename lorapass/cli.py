@@ -77,7 +77,8 @@ def _slot_rule(args: argparse.Namespace):
     if not 1 <= args.rank <= MAX_RANK:
         raise RuleError(f"--rank {args.rank}: the slot rank must be 1..{MAX_RANK}")
     target = args.target[0] if len(args.target) == 1 and args.target[0].lower() == "all-linear" else args.target
-    return _validated(LoraRule, dict(name="slots", target_modules=target, r=args.rank, strategy="dynamic",
+    return _validated(LoraRule, dict(name="slots", target_modules=target, r=args.rank,
+                                     strategy="multi" if args.slots else "dynamic",
                                      lora_alpha=args.rank if args.alpha is None else args.alpha), "--target/--rank/--alpha")
 
 
@@ -87,8 +88,8 @@ def _cmd_rewrite(args: argparse.Namespace) -> int:
     rules = _slot_rule(args)
     result = rewrite(args.model, args.output, adapter=args.adapter, rules=rules, strategy=args.strategy,
                      prefix=args.prefix, allow_pickle=args.allow_pickle, force=args.force, aliases=aliases(args),
-                     **_binding(args))
-    _report_keys(result.adapters)
+                     slots=args.slots, **_binding(args))
+    _report_keys(result.applied)
     summary = {
         "output": str(result.output),
         "strategy": result.strategy,
@@ -96,15 +97,18 @@ def _cmd_rewrite(args: argparse.Namespace) -> int:
         "targets": len({t.site.path for t in result.targets}),
         "prefix": result.report.prefix,
         "bytes_written": result.stats.bytes_written,
-        "adapters": [a.binding.to_dict() for a in result.adapters if a.binding is not None],
+        "adapter_keys": [a.binding.to_dict() for a in result.applied if a.binding is not None],
     }
+    text = f"{result.strategy}: {summary['targets']} of {summary['sites']} sites -> {result.output}"
     if result.requantization is not None:
         summary["requantization"] = result.requantization
         if result.requantization["warning"]:
             print(f"lorapass: warning: {result.requantization['warning']}", file=sys.stderr)
-    print(json.dumps(summary) if args.json else
-          f"{result.strategy}: {summary['targets']} of {summary['sites']} sites -> {result.output}"
-          + (f" ({result.requantization['delta_kept']:.1%} of the delta kept by requantization)" if result.requantization else ""))
+        text += f" ({result.requantization['delta_kept']:.1%} of the delta kept by requantization)"
+    if result.strategy == "multi":
+        summary["lora_ids"] = [None, *result.adapters]  # index = id; None: the base (0) or an empty slot
+        text += "; lora_ids 0=base " + " ".join(f"{k}={n or '(empty)'}" for k, n in enumerate(result.adapters, 1))
+    print(json.dumps(summary) if args.json else text)
     return 0
 
 
@@ -140,7 +144,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("rewrite", help="apply a LoRA adapter or rules to an ONNX model")
     p.add_argument("model", help="input .onnx (never modified)")
     p.add_argument("-o", "--output", required=True, help="output .onnx (external data beside it as <name>.data)")
-    p.add_argument("--strategy", choices=["merge", "dynamic"], help="default: the rules' own strategy")
+    p.add_argument("--strategy", choices=["merge", "dynamic", "multi"],
+                   help="default: the rules' own strategy; multi: every --adapter in one graph, chosen per batch row "
+                        "by the lora_ids input (0 = base, k = the k-th --adapter)")
     p.add_argument("--json", action="store_true", help="print a JSON summary")
     p.add_argument("--force", action="store_true",
                    help="rewrite even a graph with lorapass LoRA slots, or one lorapass already merged this adapter into")
@@ -149,6 +155,9 @@ def build_parser() -> argparse.ArgumentParser:
     slots.add_argument("--target", nargs="+", metavar="MODULE", help="target_modules suffixes, or all-linear")
     slots.add_argument("--rank", type=int, default=8, help="default slot rank (adapters of any rank fit later)")
     slots.add_argument("--alpha", type=float, help="recorded alpha (default: rank)")
+    slots.add_argument("--slots", type=int, metavar="N",
+                       help="multi: banks of N adapter slots (empty ones after any --adapter; "
+                            "fill them with export-adapter)")
     p.set_defaults(func=_cmd_rewrite)
 
     p = sub.add_parser("inspect", help="list the sites of an ONNX model and what rules or an adapter target")
@@ -157,11 +166,14 @@ def build_parser() -> argparse.ArgumentParser:
     _add_selection(p)
     p.set_defaults(func=_cmd_inspect)
 
-    p = sub.add_parser("export-adapter", help="write adapters as an ONNX Runtime adapter for a dynamic graph")
+    p = sub.add_parser("export-adapter", help="write adapters as an ONNX Runtime adapter for a dynamic graph, "
+                                              "or several as a bank file for a multi graph")
     p.add_argument("adapter", nargs="+", metavar="PATH[:WEIGHT]",
-                   help="PEFT adapter directory or kohya / LyCORIS / diffusers LoRA file; several are blended "
-                        "(their weighted deltas summed, ranks concatenated)")
-    p.add_argument("--model", required=True, help="the dynamic graph written by `lorapass rewrite --strategy dynamic`")
+                   help="PEFT adapter directory or kohya / LyCORIS / diffusers LoRA file; several are blended for a "
+                        "dynamic graph (their weighted deltas summed, ranks concatenated) and ids 1, 2, ... for a "
+                        "multi graph")
+    p.add_argument("--model", required=True,
+                   help="the graph written by `lorapass rewrite --strategy dynamic` or `multi`")
     p.add_argument("-o", "--output", required=True, help="output .onnx_adapter")
     _add_binding(p)
     add_alias_option(p)

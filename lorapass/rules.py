@@ -141,7 +141,7 @@ class LoraRule(BaseModel):
     alpha_pattern: dict[str, Alpha] = {}
     use_rslora: bool = False
     fan_in_fan_out: bool = False
-    strategy: Literal["merge", "dynamic"] = "merge"
+    strategy: Literal["merge", "dynamic", "multi"] = "merge"
     fuse_shared_inputs: bool = False  # one A product for sites reading one activation (dynamic); slower on ORT CPU
 
     @field_validator("target_modules", "exclude_modules")

@@ -223,7 +223,7 @@ def test_unmatched_keys_reported_and_strict_fails(tiny, tmp_path, capsys):
             "-o", str(tmp_path / "out.onnx")]
     assert main(args + ["--json"]) == 0
     captured = capsys.readouterr()
-    assert json.loads(captured.out)["adapters"][0]["unmatched"] == {"lora_unet_projj": "proj"}
+    assert json.loads(captured.out)["adapter_keys"][0]["unmatched"] == {"lora_unet_projj": "proj"}
     assert "1 module(s) matched, 1 unmatched" in captured.err
     (tmp_path / "out.onnx").unlink()
     assert main(args + ["--strict"]) == 2

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from pathlib import Path
+from typing import ClassVar
 
 import numpy as np
 
@@ -14,6 +15,10 @@ from lorapass.site import Site
 
 class Kind(ABC):
     """One adapted module of an adapter: its tensors and its scale, whatever file they came from."""
+
+    additive: ClassVar[bool] = True
+    """Whether the module's whole effect is ``W + low_rank()`` (False for kinds that also rescale the output,
+    such as DoRA: strategies that only add a low-rank branch refuse them)."""
 
     def __init__(self, path: str, source: Path, r: int, alpha: float, scale: float) -> None:
         self.path, self.source = path, source

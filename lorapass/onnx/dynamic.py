@@ -31,7 +31,7 @@ def slot_for(targets: list[Target]) -> Slot:
     return SLOT_TYPES[targets[0].site.kind].for_targets(targets)
 
 
-class _Graph:
+class SlotGraph:
     """The graph being rewritten: its values by scope, the slots made so far and their input values."""
 
     def __init__(self, model: ir.Model) -> None:
@@ -69,18 +69,27 @@ class _Graph:
         path = targets[0].site.slot_path
         if path not in self.slots:
             slot = slot_for(targets)
-            dtype = ir.DataType[targets[0].site.dtype.upper()]
-            defaults = slot.values_for({t.site.path: t.module for t in targets if t.module is not None})
-            inputs = {}
-            for spec in slot.inputs():
-                tensor = ir.Tensor(defaults[spec.name].astype(dtype.numpy()), name=spec.name)
-                value = ir.Value(name=spec.name, shape=ir.Shape(list(spec.dims)), type=ir.TensorType(dtype),
-                                 const_value=tensor)
-                self.graph.inputs.append(value)
-                self.graph.register_initializer(value)
-                inputs[spec.role] = value
-            self.slots[path] = (slot, inputs)
+            self.add(slot, slot.values_for({t.site.path: t.module for t in targets if t.module is not None}),
+                     targets[0].site.dtype)
         return self.slots[path]
+
+    def add(self, slot: Slot, defaults: dict, dtype: str) -> dict[str, ir.Value]:
+        """Make ``slot``'s graph inputs, initialised to ``defaults`` in the site's ``dtype``; role -> value."""
+        element = ir.DataType[dtype.upper()]
+        inputs = {}
+        for spec in slot.inputs():
+            tensor = ir.Tensor(defaults[spec.name].astype(element.numpy()), name=spec.name)
+            value = ir.Value(name=spec.name, shape=ir.Shape(list(spec.dims)), type=ir.TensorType(element),
+                             const_value=tensor)
+            self.graph.inputs.append(value)
+            self.graph.register_initializer(value)
+            inputs[spec.role] = value
+        self.slots[slot.path] = (slot, inputs)
+        return inputs
+
+    def records(self) -> None:
+        """Write every slot's record into the model's ``lorapass.lora`` metadata."""
+        self.model.metadata_props[METADATA_KEY] = json.dumps([slot.record for slot, _ in self.slots.values()])
 
     def join(self, b: Branch, site: Site, delta: ir.Value) -> None:
         """``y + delta`` in place of the site's output ``y``; a module split over several nodes gets each
@@ -128,7 +137,7 @@ def _subgraphs(node: ir.Node) -> list[ir.Graph]:
     return out
 
 
-def _refuse_existing(targets: list[Target]) -> None:
+def refuse_existing(targets: list[Target]) -> None:
     again = [t.site for t in targets if t.site.lora]
     if again:
         names = ", ".join(f"{s.path} ({s.lora})" for s in again[:4]) + (f" and {len(again) - 4} more" if len(again) > 4 else "")
@@ -139,8 +148,8 @@ def _refuse_existing(targets: list[Target]) -> None:
 
 def insert_lora(model: ir.Model, targets: list[Target]) -> int:
     """Insert a LoRA branch for every target (one per node); returns how many targets got one."""
-    _refuse_existing(targets)
-    g = _Graph(model)
+    refuse_existing(targets)
+    g = SlotGraph(model)
     groups: dict[tuple[str, str, int], list[Target]] = defaultdict(list)
     for target in targets:
         scope = id(target.site.storage.node.graph) if target.site.storage is not None else 0
@@ -161,11 +170,11 @@ def insert_lora(model: ir.Model, targets: list[Target]) -> int:
                 g.join(b, site, slot.branch(b, x, inputs))
                 g.insert(b, site)
     g.graph.sort()  # joins may now feed nodes placed before them
-    model.metadata_props[METADATA_KEY] = json.dumps([slot.record for slot, _ in g.slots.values()])
+    g.records()
     return len(targets)
 
 
-def _fused(g: _Graph, x: ir.Value, group: list[Target]) -> None:
+def _fused(g: SlotGraph, x: ir.Value, group: list[Target]) -> None:
     """One A matmul for all linear sites reading ``x``: Concat the A inputs, MatMul once, Split by each rank."""
     slots = {t.site.path: g.slot([t]) for t in group}
     paths = list(slots)

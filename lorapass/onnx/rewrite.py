@@ -15,13 +15,14 @@ from lorapass.onnx import genai
 from lorapass.onnx.load import load_model
 from lorapass.onnx.loss import summary
 from lorapass.onnx.merge import merge
+from lorapass.onnx.multi import bank_names, insert_banks
 from lorapass.onnx.save import SaveStats, save_model
 from lorapass.onnx.sites import SiteReport, find_sites
 from lorapass.onnx.slots import SITES_KEY
 from lorapass.plan import Target, blend, plan
 from lorapass.rules import LoraRule, RuleSet
 
-Strategy = Literal["merge", "dynamic"]
+Strategy = Literal["merge", "dynamic", "multi"]
 
 
 @dataclass
@@ -34,7 +35,8 @@ class RewriteResult:
     targets: list[Target]
     stats: SaveStats = field(default_factory=SaveStats)
     requantization: dict | None = None  # merge into lossy (quantized) weights: how much delta survived (onnx/loss.py)
-    adapters: list[Adapter] = field(default_factory=list)  # as applied (single files bound: see .binding)
+    adapters: list[str | None] = field(default_factory=list)  # multi: the adapter of each id from 1 (None: empty)
+    applied: list[Adapter] = field(default_factory=list)  # the adapters as applied (single files bound: see .binding)
 
 
 def as_adapters(adapter, allow_pickle: bool = False) -> list[Adapter]:
@@ -106,18 +108,21 @@ def find_and_bind(graph, adapters: list[Adapter], prefix: str | None = None, com
 def rewrite(model: str | os.PathLike, output: str | os.PathLike, adapter=None,
             rules: str | os.PathLike | LoraRule | RuleSet | None = None, strategy: Strategy | None = None,
             prefix: str | None = None, allow_pickle: bool = False, progress: bool | None = None,
-            force: bool = False, aliases: dict[str, str] | None = None, component: str | None = None,
-            strict: bool = False, unet_config: str | os.PathLike | None = None) -> RewriteResult:
+            force: bool = False, aliases: dict[str, str] | None = None, slots: int | None = None,
+            component: str | None = None, strict: bool = False,
+            unet_config: str | os.PathLike | None = None) -> RewriteResult:
     """Apply LoRA to the ONNX file ``model`` and write ``output``; the input is never modified.
 
     ``adapter`` is one adapter or a list (an Adapter, a path, or ``PATH:WEIGHT``); several adapters merge as the
-    sum of their weighted deltas, and share one dynamic slot per site as one blend (ranks concatenated). ``rules``
-    select the targets (default: each adapter's own config). Single-file adapters (kohya, LyCORIS, diffusers) are
-    bound to the graph's sites first (``component``, ``strict``, ``unet_config``: see :func:`find_and_bind`). The output
-    records what was applied (:mod:`lorapass.provenance`); applying LoRA to a graph that already has lorapass
-    slots, or merging the same adapter twice, is refused unless ``force``. ``aliases`` map graph path components
-    to PEFT's (on top of the exporter's dialect and the rules' own). An onnxruntime-genai folder's other files
-    (genai_config.json, tokenizer) are written beside the output, in the same all-or-nothing commit.
+    sum of their weighted deltas, share one dynamic slot per site as one blend (ranks concatenated), or with
+    strategy ``multi`` become ids 1, 2, ... of the ``lora_ids`` input. ``rules`` select the targets (default: each
+    adapter's own config). Single-file adapters (kohya, LyCORIS, diffusers) are bound to the graph's sites first
+    (``component``, ``strict``, ``unet_config``: see :func:`find_and_bind`). ``slots`` (multi): the bank size in
+    adapters, empty slots after the given adapters (all empty without adapters). The output records what was
+    applied (:mod:`lorapass.provenance`); applying LoRA to a graph that already has lorapass slots, or merging
+    the same adapter twice, is refused unless ``force``. ``aliases`` map graph path components to PEFT's (on top
+    of the exporter's dialect and the rules' own). An onnxruntime-genai folder's other files (genai_config.json,
+    tokenizer) are written beside the output, in the same all-or-nothing commit.
     """
     rules_file = rules if isinstance(rules, (str, os.PathLike)) else None
     adapters = as_adapters(adapter, allow_pickle)
@@ -129,10 +134,16 @@ def rewrite(model: str | os.PathLike, output: str | os.PathLike, adapter=None,
     strategy = strategy_of(rule_sets[0], strategy)
     if strategy == "merge" and not adapters:
         raise RuleError("strategy merge needs an adapter's weights (--adapter)")
-    targets = [t for a, r in zip(adapters or [None], rule_sets) for t in plan(report.sites, r, report.output_heads, a)]
+    if slots is not None and strategy != "multi":
+        raise RuleError("slots are for strategy multi")
+    names = bank_names(adapters, slots) if strategy == "multi" else []
+    chosen = [plan(report.sites, r, report.output_heads, a) for a, r in zip(adapters or [None], rule_sets)]
+    targets = [t for ts in chosen for t in ts]
     provenance.stamp(graph, model, adapters, strategy, targets, force, rules_file)
     if strategy == "merge":
         merge(graph, targets)
+    elif strategy == "multi":
+        insert_banks(graph, chosen if adapters else chosen * len(names), names)  # no adapters: all slots empty
     else:
         from lorapass.onnx.dynamic import insert_lora
 
@@ -142,8 +153,8 @@ def rewrite(model: str | os.PathLike, output: str | os.PathLike, adapter=None,
     stats = save_model(graph, model, output, progress=progress, inputs=provenance.input_files(adapters, rules_file),
                        companions=genai.companions(Path(model), Path(output), data_files))  # computes merged weights
     stores = {id(s): s for t in targets for s in t.site.storage.stores}.values()  # ... and records their losses
-    return RewriteResult(Path(output), strategy, report, targets, stats, summary([x for s in stores for x in s.losses]),
-                         adapters)
+    return RewriteResult(Path(output), strategy, report, targets, stats,
+                         summary([x for s in stores for x in s.losses]), names, adapters)
 
 
 def _rule_aliases(rule_sets: list) -> dict[str, str]:

@@ -9,9 +9,10 @@ records carry, so a dynamic graph's slots can be rebuilt from its metadata alone
 from __future__ import annotations
 
 from lorapass.onnx.slots.base import METADATA_KEY, SITES_KEY, Branch, Slot, SlotInput, from_record, register
+from lorapass.onnx.slots.bank import BankSlot
 from lorapass.onnx.slots.conv import ConvSlot
 from lorapass.onnx.slots.linear import LinearSlot
 from lorapass.onnx.slots.packed import PackedSlot
 
-__all__ = ["METADATA_KEY", "SITES_KEY", "Branch", "ConvSlot", "LinearSlot", "PackedSlot", "Slot", "SlotInput", "from_record",
-           "register"]
+__all__ = ["METADATA_KEY", "SITES_KEY", "BankSlot", "Branch", "ConvSlot", "LinearSlot", "PackedSlot", "Slot", "SlotInput",
+           "from_record", "register"]

@@ -30,6 +30,8 @@ class Slot(ABC):
     """One site's (or one packed node's) LoRA branch in a dynamic graph."""
 
     type: ClassVar[str]
+    banked: ClassVar[bool] = False
+    """Whether the slot holds several adapters at once (``values`` then takes one module per adapter)."""
 
     def __init__(self, record: dict) -> None:
         self.record = record
@@ -58,7 +60,8 @@ class Slot(ABC):
 
     @abstractmethod
     def values(self, module: Kind | None) -> dict[str, np.ndarray]:
-        """Input name -> float32 value for an adapter module (zeros for None: the graph equals the base)."""
+        """Input name -> float32 value for an adapter module (zeros for None: the graph equals the base); a slot
+        holding several adapters (a bank) takes one module or None per adapter, in id order."""
 
     def checked(self, module: Kind, values: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """``values`` (input name -> array for ``module``), after checking them against the inputs' fixed dims."""
