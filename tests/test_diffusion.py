@@ -176,3 +176,11 @@ def test_fp16_within_twice_the_exports_own_error(sd, files, variants, tmp_path, 
     assert rel(run(tmp_path / "out.onnx", feeds), expected) <= 2 * base_error
     weights = {t.name: t.data_type for t in onnx.load(tmp_path / "out.onnx").graph.initializer if len(t.dims) == 4}
     assert set(weights.values()) == {onnx.TensorProto.FLOAT16}  # written back in the graph's dtype
+
+
+def test_multi_refuses_convolutions_by_name(sd, files, tmp_path, capsys):
+    out = tmp_path / "multi.onnx"
+    assert main(["rewrite", str(sd["unet_onnx"]), "--strategy", "multi", "--adapter", str(files["style"][0]),
+                 "-o", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "no banks for convolutions (31 targeted" in err and "down_blocks.0.attentions.0.proj_in" in err and not out.exists()
