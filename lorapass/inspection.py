@@ -10,7 +10,7 @@ from lorapass.adapter import Adapter
 from lorapass.errors import LorapassError
 from lorapass.onnx.load import load_model
 from lorapass.onnx.sites import SiteReport, find_sites
-from lorapass.plan import check_adapter, plan
+from lorapass.plan import check_adapter, select
 from lorapass.rules import LoraRule, RuleSet
 
 
@@ -52,7 +52,7 @@ def inspect_model(model: str | os.PathLike, adapter: Adapter | None = None, rule
     if rules is None:
         return result
     try:
-        targets = plan(report.sites, rules, report.output_heads)
+        targets = select(report.sites, rules, report.output_heads, adapter)
     except LorapassError as exc:
         result.problems.append(str(exc))
         return result

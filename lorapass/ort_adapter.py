@@ -12,9 +12,13 @@ import onnx
 
 from lorapass.adapter import Adapter, load_adapter
 from lorapass.errors import AdapterError, ModelError
+from lorapass.onnx.fold import read
+from lorapass.onnx.load import load_model
+from lorapass.onnx.sites import find_sites
 from lorapass.onnx.slots import METADATA_KEY, Slot, from_record
+from lorapass.site import Site
 
-_DTYPES = {onnx.TensorProto.FLOAT: np.float32, onnx.TensorProto.FLOAT16: np.float16}
+_DTYPES = {onnx.TensorProto.FLOAT: np.float32, onnx.TensorProto.FLOAT16: np.float16, onnx.TensorProto.INT64: np.int64}
 
 
 def slots_of(model: str | os.PathLike) -> tuple[list[Slot], dict[str, np.dtype]]:
@@ -28,26 +32,74 @@ def slots_of(model: str | os.PathLike) -> tuple[list[Slot], dict[str, np.dtype]]
     return slots, dtypes
 
 
+class _ModelWeights:
+    """The base weights of a dynamic model, read on demand (its sites found as a rewrite finds them)."""
+
+    def __init__(self, model: str | os.PathLike, paths: list[str]) -> None:
+        self.model, self.paths = Path(model), paths
+        self._graph = None
+        self._sites: dict[str, Site] | None = None
+
+    def graph(self):
+        if self._graph is None:
+            self._graph = load_model(self.model)
+        return self._graph
+
+    def site_at(self, path: str) -> Site | None:
+        if self._sites is None:
+            self._sites = {}
+            for site in find_sites(self.graph(), wanted=self.paths).sites:
+                self._sites.setdefault(site.path, site)
+        return self._sites.get(path)
+
+    def site(self, path: str) -> np.ndarray:
+        site = self.site_at(path)
+        if site is None:
+            raise ModelError(f"{self.model}: no site {path!r} whose base weight the adapter's values depend on")
+        return site.storage.read()
+
+    def tensor(self, name: str) -> np.ndarray:
+        value = self.graph().graph.initializers.get(name)
+        if value is None:
+            raise ModelError(f"{self.model}: the initializer {name!r} a slot record names is missing")
+        return read(value.const_value).astype(np.float32)
+
+
 def adapter_parameters(adapter: Adapter, model: str | os.PathLike) -> dict[str, np.ndarray]:
     """The adapter's values for the dynamic graph's slot inputs (each slot says how, and checks the shapes).
 
     Uses the graph's own ``lorapass.lora`` records for which module paths have slots and each adapter module's
-    own rank and scale (for PEFT: rank_pattern / alpha_pattern / rslora as PEFT resolves them).
+    own rank and scale (for PEFT: rank_pattern / alpha_pattern / rslora as PEFT resolves them). Values that
+    depend on base weights (DoRA's factor, token rows) read them from ``model``. Slots whose defaults hold the
+    adapter the graph was built with get neutral values when this adapter has nothing for them.
     """
     slots, dtypes = slots_of(model)
-    by_path = {slot.path: slot for slot in slots}
-    unknown = [m for m in adapter.modules if m not in by_path]
+    by_module: dict[str, list[Slot]] = {}
+    for slot in slots:
+        by_module.setdefault(slot.module, []).append(slot)
+    unknown = [m for m in adapter.modules if m not in by_module]
     if unknown:
         names = sorted(i.name for slot in slots for i in slot.inputs())
         raise AdapterError(
             f"{adapter.source}: {len(unknown)} adapter module(s) have no LoRA input in {model}: "
             + ", ".join(f"{m!r} (expects inputs {m}.lora_A/.lora_B)" for m in unknown[:5])
             + f"; the graph's LoRA inputs are e.g. {names[:4]}")
-    params: dict[str, np.ndarray] = {}
+    weights = _ModelWeights(model, list(by_module))
+    values: dict[str, np.ndarray] = {}
     for path, kind in adapter.modules.items():
-        for name, array in by_path[path].values(kind).items():
-            params[name] = np.ascontiguousarray(array, dtype=dtypes.get(name, np.float32))
-    return params
+        here = by_module[path]
+        missing = kind.parts(weights.site_at(path) if kind.saved_base is not None else None) - set().union(
+            *(slot.covers() for slot in here))
+        if missing:
+            raise AdapterError(
+                f"{adapter.source}: {kind.key()} ({kind.name}) changes {sorted(missing)} of {path!r}, which the graph's "
+                f"slots there ({', '.join(s.type for s in here)}) do not carry; rewrite {model} with this adapter")
+        for slot in here:
+            values |= slot.values(kind, weights)
+    for slot in slots:
+        if slot.module not in adapter.modules and slot.record.get("default") == "adapter":
+            values |= slot.values(None, weights)
+    return {name: np.ascontiguousarray(array, dtype=dtypes.get(name, np.float32)) for name, array in values.items()}
 
 
 def export_adapter(adapter_dir: str | os.PathLike | Adapter, model: str | os.PathLike, output: str | os.PathLike) -> Path:

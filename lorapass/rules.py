@@ -16,11 +16,12 @@ relative to the PEFT model root (``model.layers.0.self_attn.q_proj``):
 * ``rank_pattern``/``alpha_pattern``: the first key (in order) with ``re.match(rf"(.*\\.)?({key})$", path)`` wins.
 
 :meth:`LoraRule.from_peft_config` refuses (``UnsupportedError``) what a plain ``W += scale * B @ A`` merge would
-get silently wrong: ``peft_type`` other than LORA, ``use_dora``, ``bias`` other than "none", ``lora_bias``,
-``modules_to_save``, ``target_parameters``, ``layer_replication``, ``trainable_token_indices``,
+get silently wrong: ``peft_type`` other than LORA (LoHa, LoKr, IA3, ...), ``target_parameters``, ``layer_replication``,
 ``alora_invocation_tokens`` (aLoRA), ``use_qalora``, ``use_bdlora``, ``arrow_config``, ``kasa_config``,
 ``monteclora_config``, ``init_lora_weights`` of pissa*/olora/corda/loftq/lora_ga (the adapter is relative to a
-modified base weight), and a missing ``target_modules`` (PEFT would pick per-architecture defaults).
+modified base weight), and a missing ``target_modules`` (PEFT would pick per-architecture defaults). DoRA
+(``use_dora``), ``lora_bias``, ``bias``, ``modules_to_save`` and ``trainable_token_indices`` are read into adapter
+kinds (:mod:`lorapass.formats.peft`); ``use_dora`` is also a rule field, for DoRA-ready dynamic slots.
 """
 
 from __future__ import annotations
@@ -42,7 +43,7 @@ PEFT_CONFIG = "adapter_config.json"
 _CONDENSE_AT = 20  # PEFT's MIN_TARGET_MODULES_FOR_OPTIMIZATION
 _RESIDUAL_INITS = ("olora", "corda", "loftq", "lora_ga")
 _PEFT_FIELDS = ("r", "lora_alpha", "target_modules", "exclude_modules", "layers_to_transform", "layers_pattern",
-                "rank_pattern", "alpha_pattern", "use_rslora", "fan_in_fan_out")
+                "rank_pattern", "alpha_pattern", "use_rslora", "fan_in_fan_out", "use_dora")
 
 
 def _given(value: Any) -> bool:
@@ -50,14 +51,9 @@ def _given(value: Any) -> bool:
 
 
 _UNSUPPORTED: tuple[tuple[str, Callable[[Any], bool], str], ...] = (
-    ("peft_type", lambda v: v is not None and v != "LORA", "only LoRA adapters are supported"),
-    ("use_dora", bool, "DoRA rescales every output row by a learned magnitude"),
-    ("bias", lambda v: v not in (None, "none"), "the adapter also trains the base layers' biases"),
-    ("lora_bias", bool, "LoRA B carries a bias"),
-    ("modules_to_save", bool, "whole modules are replaced by trained copies"),
+    ("peft_type", lambda v: v is not None and v != "LORA", "only LoRA adapters (with DoRA) are supported"),
     ("target_parameters", bool, "LoRA on bare parameters (e.g. MoE expert tensors)"),
     ("layer_replication", bool, "layers are replicated"),
-    ("trainable_token_indices", bool, "embedding rows are trained"),
     ("alora_invocation_tokens", bool, "aLoRA only applies after its invocation tokens"),
     ("use_qalora", bool, "QALoRA feeds pooled inputs to A"),
     ("use_bdlora", _given, "BD-LoRA uses block-diagonal factors"),
@@ -94,6 +90,7 @@ class LoraRule(BaseModel):
     alpha_pattern: dict[str, float] = {}
     use_rslora: bool = False
     fan_in_fan_out: bool = False
+    use_dora: bool = False  # DoRA: a per-output factor input on every dynamic slot (plain LoRA files run with it = 1)
     strategy: Literal["merge", "dynamic"] = "merge"
     fuse_shared_inputs: bool = False  # one A product for sites reading one activation (dynamic); slower on ORT CPU
 

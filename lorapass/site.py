@@ -21,7 +21,9 @@ class Site:
     value after the bias (where a LoRA branch joins), ``source`` the naming strategy and ``dialect`` the
     exporter naming table that gave the path. ``storage`` is the frontend's view of the weight (read it as
     float32 in torch's layout, record edits); ``layout`` describes it (``in_out``/``out_in`` for a plain
-    linear, more for packed or quantized weights).
+    linear, more for packed or quantized weights). ``bias_storage`` is the view of its bias (one that adds a bias
+    when the layer has none). An embedding site (``kind="embedding"``) has ``in_features`` = rows of its table,
+    ``out_features`` = the embedding width, and reads the ids.
     """
 
     path: str
@@ -40,6 +42,7 @@ class Site:
     kind: SiteKind = "linear"
     dialect: str = ""
     storage: Any = field(default=None, compare=False, repr=False)
+    bias_storage: Any = field(default=None, compare=False, repr=False)
 
     @property
     def layer_shape(self) -> tuple[int, int]:
@@ -48,4 +51,4 @@ class Site:
 
     def to_dict(self) -> dict:
         """The site as plain data (for ``inspect --json``)."""
-        return {k: v for k, v in self.__dict__.items() if k != "storage"}
+        return {k: v for k, v in self.__dict__.items() if k not in ("storage", "bias_storage")}

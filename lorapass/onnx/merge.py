@@ -1,6 +1,6 @@
 """Strategy ``merge``: fold every targeted module's delta into its weight, in the weight's own layout and dtype.
 
-Each target's kind records its edit on the site's storage view; :func:`lorapass.onnx.storage.commit` then
+Each target's kind records its edits on the site's storage views (weight and bias); :func:`lorapass.onnx.storage.commit` then
 writes each stored weight once (in place, or copied for the nodes that need their own, see there).
 """
 
@@ -16,7 +16,8 @@ def merge(model: ir.Model, targets: list[Target]) -> int:
     """Rewrite ``model`` in place so each targeted weight holds its merged value; returns how many weights changed."""
     stores = {}
     for target in targets:
-        view = target.site.storage
-        target.module.merge(view)
-        stores[id(view.store)] = view.store
+        target.module.merge(target.site)
+        for view in (target.site.storage, target.site.bias_storage):
+            if view is not None:
+                stores[id(view.store)] = view.store
     return commit(list(stores.values()), model.graph)

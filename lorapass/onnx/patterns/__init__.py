@@ -30,6 +30,7 @@ class Match:
     in_features: int
     out_features: int
     dtype: str  # the activation's element type (the branch computes in it)
+    bias_storage: View | None = None  # the bias as a storage view (one that adds it when the layer has none)
 
 
 @dataclass
@@ -68,9 +69,9 @@ def weight_constant(value: ir.Value | None, rank: int = 2) -> ir.Value | None:
 
 
 def _patterns() -> list[Pattern]:
-    from lorapass.onnx.patterns import linear
+    from lorapass.onnx.patterns import embedding, linear
 
-    return [linear.match]
+    return [linear.match, embedding.match]
 
 
 PATTERNS: list[Pattern] = _patterns()
