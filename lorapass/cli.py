@@ -30,7 +30,7 @@ def _slot_rule(args: argparse.Namespace):
 
     target = args.target[0] if len(args.target) == 1 and args.target[0].lower() == "all-linear" else args.target
     return LoraRule(name="slots", target_modules=target, r=args.rank, lora_alpha=args.alpha or args.rank,
-                    strategy="dynamic")
+                    strategy="dynamic", use_dora=args.dora)
 
 
 def _cmd_rewrite(args: argparse.Namespace) -> int:
@@ -86,6 +86,9 @@ def build_parser() -> argparse.ArgumentParser:
     slots.add_argument("--target", nargs="+", metavar="MODULE", help="target_modules suffixes, or all-linear")
     slots.add_argument("--rank", type=int, default=8, help="default slot rank (adapters of any rank fit later)")
     slots.add_argument("--alpha", type=float, help="recorded alpha (default: rank)")
+    slots.add_argument("--dora", action="store_true",
+                       help="DoRA-ready slots: a per-output factor input (ones by default) for DoRA adapters; plain "
+                            "LoRA adapters run on them too")
     p.set_defaults(func=_cmd_rewrite)
 
     p = sub.add_parser("inspect", help="list the sites of an ONNX model and what rules or an adapter target")

@@ -1,8 +1,9 @@
 """``lorapass verify``: check a rewritten model against the base with the adapter merged by a second path.
 
 The reference is built independently of the merge strategy: the base model is loaded with the ``onnx``
-package, each targeted weight gets W + scale·(B @ A) computed by numpy in float64 (then cast to W's
-dtype), and ONNX Runtime runs it. Site naming and rule matching are shared with the pass (one
+package, each targeted weight gets PEFT's formula computed by numpy in float64 from the adapter file's own
+tensors (W + scale·(B @ A), DoRA's per-output rescale, LoRA's B bias, replaced weights, biases and token rows;
+then cast to W's dtype), and ONNX Runtime runs it. Site naming and rule matching are shared with the pass (one
 implementation of PEFT's semantics); the arithmetic and the graph writing are not.
 """
 
@@ -141,6 +142,62 @@ def check_feeds(model: onnx.ModelProto, feeds: dict[str, np.ndarray], where: str
     return out
 
 
+def _reference_values(module, w: np.ndarray, b: np.ndarray | None) -> tuple[np.ndarray, np.ndarray | None]:
+    """(W', b') in float64, torch layout, from the module's own file tensors: PEFT's formulas written out again.
+
+    Full tensors (a replaced weight or bias, a saved base weight) are applied first; then the low-rank delta
+    (W + s·B·A; an embedding's table gains s·(B·A)ᵀ), DoRA's rescale by m / ‖W + ΔW‖ per output feature (the
+    bias left alone), LoRA's B bias times s, or replaced token rows."""
+    read = lambda ref: ref.read().astype(np.float64)  # noqa: E731
+    full = {role: read(ref) for role, ref in module.replaced.items()}
+    if module.saved_base is not None:
+        full["weight"] = read(module.saved_base)
+    w = full.get("weight", w)
+    b = full.get("bias", b)
+    if hasattr(module, "a"):  # low-rank
+        a, up = read(module.a), read(module.b)
+        embedding = "embedding" in module.name
+        delta = module.scale * (up @ a)
+        w = w + (delta.T if embedding else delta)
+        if getattr(module, "magnitude", None) is not None:
+            axis = 0 if embedding else 1  # the norm runs over the other axis than the output features
+            g = read(module.magnitude).reshape(-1) / np.sqrt((w * w).sum(axis=axis))
+            w = w * (g[None, :] if embedding else g[:, None])
+        if getattr(module, "bias", None) is not None:
+            b = (b if b is not None else 0.0) + module.scale * read(module.bias)
+    if hasattr(module, "rows"):
+        w = w.copy()
+        w[module.indices] = read(module.rows)
+    return w, b
+
+
+def _set_bias(proto: onnx.ModelProto, tensors: dict, node: onnx.NodeProto, site, bias: np.ndarray, dtype) -> None:
+    """Write the site's new bias: into its initializer (read by this node only), else as a new one the node reads,
+    added after it when the layer had none."""
+    graph = proto.graph
+    name = f"{site.path}.bias.reference"
+    graph.initializer.append(numpy_helper.from_array(bias.astype(dtype), name))
+    tensors[name] = graph.initializer[-1]
+    if site.bias is not None:
+        reader = node if node.op_type == "Gemm" else next(n for n in graph.node if node.output[0] in n.input
+                                                          and site.bias in n.input)
+        reader.input[list(reader.input).index(site.bias)] = name
+        return
+    if node.op_type == "Gemm":
+        node.input.append(name)
+        return
+    out, biased = node.output[0], f"{node.output[0]}.reference_biased"
+    for other in graph.node:
+        for i, value in enumerate(other.input):
+            if value == out:
+                other.input[i] = biased
+    for output in graph.output:
+        if output.name == out:
+            output.name = biased
+    position = list(graph.node).index(node) + 1
+    graph.node.insert(position, onnx.helper.make_node("Add", [out, name], [biased], name=f"{site.path}/bias/reference_Add"))
+
+
 def _reference(base: Path, targets: list[Target], adapter: Adapter, folder: Path) -> Path:
     """The base with every targeted weight merged by numpy in float64, saved under ``folder``."""
     proto = onnx.load(str(base), load_external_data=True)
@@ -150,33 +207,40 @@ def _reference(base: Path, targets: list[Target], adapter: Adapter, folder: Path
     for node in proto.graph.node:
         for name in node.input:
             readers[name] = readers.get(name, 0) + 1
+    behind = {n.output[0]: n.input[0] for n in proto.graph.node if n.op_type == "Identity"}
     done: set[str] = set()
     for target in targets:
         site = target.site
-        a = target.module.a.read().astype(np.float64)
-        b = target.module.b.read().astype(np.float64)
-        update = target.module.scale * (b @ a)  # [out, in], from the file's own tensors, not the kind's arithmetic
         node = nodes[site.node]
-        operand = node.input[1]
+        index = 0 if node.op_type == "Gather" else 1
+        operand = node.input[index]
+        stored = numpy_helper.to_array(tensors[site.weight])
+        w = stored.astype(np.float64)
+        w_torch = w if site.layout == "out_in" else w.T
+        bias_name = site.bias
+        while bias_name in behind:
+            bias_name = behind[bias_name]
+        bias_name = bias_name if bias_name in tensors else None
+        b = numpy_helper.to_array(tensors[bias_name]).astype(np.float64) if bias_name else None
+        merged, new_bias = _reference_values(target.module, w_torch, b)
+        if new_bias is not None and (b is None or not np.array_equal(new_bias, b)):
+            _set_bias(proto, tensors, node, site, new_bias, numpy_helper.to_array(tensors[bias_name]).dtype
+                      if bias_name else stored.dtype)
         if operand == site.weight and readers.get(site.weight, 0) == 1:
             if site.weight in done:
                 continue
-            w = numpy_helper.to_array(tensors[site.weight])
-            merged = (w.astype(np.float64) + (update if site.layout == "out_in" else update.T)).astype(w.dtype)
-            tensors[site.weight].CopyFrom(numpy_helper.from_array(merged, site.weight))
+            out = (merged if site.layout == "out_in" else merged.T).astype(stored.dtype)
+            tensors[site.weight].CopyFrom(numpy_helper.from_array(out, site.weight))
             done.add(site.weight)
         else:  # a shared (or indirectly read) weight: give this node its own merged copy, in the layout it reads
-            w = numpy_helper.to_array(tensors[site.weight]).astype(np.float64)
-            w_out_in = w if site.layout == "out_in" else w.T
-            trans_b = any(att.name == "transB" and att.i == 1 for att in node.attribute)
-            merged = w_out_in + update
-            merged = (merged if trans_b else merged.T).astype(numpy_helper.to_array(tensors[site.weight]).dtype)
+            reads_out_in = node.op_type == "Gather" or any(att.name == "transB" and att.i == 1 for att in node.attribute)
+            out = (merged if reads_out_in else merged.T).astype(stored.dtype)
             name, i = f"{site.path}.weight.reference", 1
             while name in tensors:  # one module may be computed by several nodes
                 name, i = f"{site.path}.weight.reference_{i}", i + 1
-            proto.graph.initializer.append(numpy_helper.from_array(merged, name))
+            proto.graph.initializer.append(numpy_helper.from_array(out, name))
             tensors[name] = proto.graph.initializer[-1]
-            node.input[1] = name
+            node.input[index] = name
     path = folder / "reference.onnx"
     onnx.save_model(proto, str(path), save_as_external_data=True, location="reference.onnx.data")
     return path

@@ -31,7 +31,7 @@ class FxResult:
     report: SiteReport
     targets: list[Target]
     adapter: Adapter | None = None
-    slots: dict[str, tuple[str, str]] = field(default_factory=dict)  # dynamic: path -> (A key, B key) in the program
+    slots: dict[str, dict[str, str]] = field(default_factory=dict)  # dynamic: path -> {input name: state key}
 
 
 def _split(selection: Any, adapter: Any, rules: Any) -> tuple[Any, Any]:
@@ -64,7 +64,7 @@ def apply(model: torch.nn.Module | ExportedProgram | GraphModule, rules_or_adapt
     program = Program(traced)
     report = find_sites(program, prefix=prefix, wanted=adapter.modules if adapter else ())
     targets = plan(report.sites, rules, report.output_heads, adapter)
-    slots: dict[str, tuple[str, str]] = {}
+    slots: dict[str, dict[str, str]] = {}
     if strategy == "merge":
         from lorapass.fx.merge import merge
 

@@ -54,7 +54,7 @@ class Kind(ABC):
         if site.kind not in self.site_kinds:
             raise UnsupportedError(f"{self.source}: {self.key()} is {self.name}, which lorapass applies to "
                                    f"{'/'.join(self.site_kinds)} layers; site {site.path!r} is a {site.kind} ({site.op})")
-        shapes = {"weight": _weight_shape(site), "bias": (site.out_features,)}
+        shapes = {"weight": weight_shape(site), "bias": (site.out_features,)}
         bases = {"base_weight": self.saved_base} if self.saved_base is not None else {}
         for role, ref in (self.replaced | bases).items():
             want = shapes["bias" if role == "bias" else "weight"]
@@ -128,7 +128,9 @@ class Kind(ABC):
 
     def describe(self, site: Site | None = None) -> dict:
         """What the module holds, for ``inspect``: its kind, tensor bytes and notes."""
-        numel = int(sum(np.prod(ref.shape) for ref in self._refs()))
+        refs = self._refs() + ([self.saved_base] if site is not None and "weight" in self.parts(site)
+                               and "weight" not in self.replaced else [])
+        numel = int(sum(np.prod(ref.shape) for ref in refs))
         itemsize = _numpy_dtype(site.dtype).itemsize if site is not None else 4
         info = {"kind": self.name, "elements": numel, "bytes": numel * itemsize}
         if self.replaced:
@@ -142,8 +144,11 @@ class Kind(ABC):
         return list(self.replaced.values())
 
 
-def _weight_shape(site: Site) -> tuple[int, ...]:
-    return tuple(site.storage.shape) if site.storage is not None else (site.out_features, site.in_features)
+def weight_shape(site: Site) -> tuple[int, ...]:
+    """The site's weight shape in torch's layout ([out, in]; an embedding's table [rows, dim])."""
+    if site.storage is not None:
+        return tuple(site.storage.shape)
+    return (site.in_features, site.out_features) if site.kind == "embedding" else (site.out_features, site.in_features)
 
 
 def _numpy_dtype(name: str) -> np.dtype:

@@ -9,7 +9,7 @@ import numpy as np
 
 from lorapass.errors import ShapeMismatchError
 from lorapass.formats.tensors import TensorRef
-from lorapass.kinds.base import Kind
+from lorapass.kinds.base import Kind, weight_shape
 from lorapass.site import Site
 
 
@@ -45,7 +45,7 @@ class TrainableTokens(Kind):
         return {"tokens"}
 
     def check_own(self, site: Site) -> None:
-        vocab, dim = site.storage.shape
+        vocab, dim = weight_shape(site)
         if self.rows.shape != (len(self.indices), dim):
             raise ShapeMismatchError(f"{self.source}: {self.rows.key} has shape {list(self.rows.shape)}, site {site.path!r} "
                                      f"({site.op} {site.node!r}) needs [{len(self.indices)}, {dim}] for token indices "
