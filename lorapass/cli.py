@@ -1,13 +1,23 @@
-"""``lorapass``: rewrite, inspect, verify, export-adapter, analyse, calibrate, export."""
+"""``lorapass``: rewrite, inspect, verify, export-adapter, analyse, calibrate, export.
+
+Exit status: 0 success; 2 bad input (a typed error naming the file, key, tensor or rule; also argparse's usage
+errors); 1 the machine failed (permission denied, disk full, out of memory); 3 an internal error, i.e. a bug in
+lorapass (any other exception: summarised in one line); 130 Ctrl-C; 128 + N signal N (SIGTERM 143, SIGHUP 129),
+after removing temporaries. No traceback is printed unless ``--debug`` is given (anywhere on the command line).
+"""
 
 from __future__ import annotations
 
 import argparse
 import json
 import sys
+import traceback
+import warnings
 from collections.abc import Sequence
+from contextlib import nullcontext
 
-from lorapass.errors import LorapassError, RuleError
+from lorapass.atomic import Terminated
+from lorapass.errors import LorapassError, LorapassWarning, RuleError
 
 
 def _add_selection(p: argparse.ArgumentParser) -> None:
@@ -26,11 +36,14 @@ def _slot_rule(args: argparse.Namespace):
         return args.rules
     if args.adapter or args.rules:
         raise RuleError("--target makes empty LoRA slots; it does not combine with --adapter or --rules")
-    from lorapass.rules import LoraRule
+    from lorapass.rules import MAX_RANK, LoraRule, _validated
 
+    if not 1 <= args.rank <= MAX_RANK:
+        raise RuleError(f"--rank {args.rank}: the slot rank must be 1..{MAX_RANK}")
     target = args.target[0] if len(args.target) == 1 and args.target[0].lower() == "all-linear" else args.target
-    return LoraRule(name="slots", target_modules=target, r=args.rank, lora_alpha=args.alpha or args.rank,
-                    strategy="dynamic", use_dora=args.dora)
+    return _validated(LoraRule, dict(name="slots", target_modules=target, r=args.rank, strategy="dynamic",
+                                     lora_alpha=args.rank if args.alpha is None else args.alpha, use_dora=args.dora),
+                      "--target/--rank/--alpha")
 
 
 def _cmd_rewrite(args: argparse.Namespace) -> int:
@@ -38,7 +51,7 @@ def _cmd_rewrite(args: argparse.Namespace) -> int:
 
     rules = _slot_rule(args)
     result = rewrite(args.model, args.output, adapter=args.adapter, rules=rules, strategy=args.strategy,
-                     prefix=args.prefix, allow_pickle=args.allow_pickle)
+                     prefix=args.prefix, allow_pickle=args.allow_pickle, force=args.force)
     summary = {
         "output": str(result.output),
         "strategy": result.strategy,
@@ -81,6 +94,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", required=True, help="output .onnx (external data beside it as <name>.data)")
     p.add_argument("--strategy", choices=["merge", "dynamic"], help="default: the rules' own strategy")
     p.add_argument("--json", action="store_true", help="print a JSON summary")
+    p.add_argument("--force", action="store_true",
+                   help="rewrite even a graph with lorapass LoRA slots, or one lorapass already merged this adapter into")
     _add_selection(p)
     slots = p.add_argument_group("LoRA-ready slots (dynamic, no adapter): zero weights, output equals the base")
     slots.add_argument("--target", nargs="+", metavar="MODULE", help="target_modules suffixes, or all-linear")
@@ -114,17 +129,56 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _add_global_options(parser: argparse.ArgumentParser) -> None:
+    """``--debug`` and ``--allow-unknown-keys``, accepted before or after the subcommand."""
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    for p, default in [(parser, False), *((p, argparse.SUPPRESS) for p in dict.fromkeys(sub.choices.values()))]:
+        p.add_argument("--debug", action="store_true", default=default, help="show the traceback of an error")
+        p.add_argument("--allow-unknown-keys", action="store_true", default=default,
+                       help="warn about adapter_config.json keys PEFT 0.21 does not know instead of refusing them")
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None, _default=warnings.showwarning) -> None:
+    if issubclass(category, LorapassWarning):
+        print(f"lorapass: warning: {message}", file=sys.stderr)
+    else:
+        _default(message, category, filename, lineno, file, line)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
+    _add_global_options(parser)
     args = parser.parse_args(argv)
+    from lorapass.rules import allow_unknown_keys
+
     try:
-        return args.func(args)
-    except LorapassError as exc:
-        print(f"lorapass: error: {exc}", file=sys.stderr)
-        return 2
-    except OSError as exc:  # the machine's fault (disk full, permissions), not the input's
-        print(f"lorapass: error: {exc}", file=sys.stderr)
-        return 1
+        with warnings.catch_warnings(), allow_unknown_keys() if args.allow_unknown_keys else nullcontext():
+            warnings.showwarning = _show_warning
+            return args.func(args)
+    except BaseException as exc:  # noqa: BLE001 - every failure becomes one line and an exit status
+        code, message = _failure(exc)
+        if code is None:
+            raise
+        if args.debug:
+            traceback.print_exc()
+        print(f"lorapass: {message}", file=sys.stderr)
+        return code
+
+
+def _failure(exc: BaseException) -> tuple[int | None, str]:
+    """The exit status and message for ``exc`` (None: let it propagate, e.g. argparse's SystemExit)."""
+    if isinstance(exc, LorapassError):
+        return 2, f"error: {exc}"
+    if isinstance(exc, (OSError, MemoryError)):  # the machine's fault (disk full, permissions), not the input's
+        return 1, f"error: {str(exc) or 'out of memory'}"
+    if isinstance(exc, KeyboardInterrupt):
+        return 130, "interrupted"
+    if isinstance(exc, Terminated):
+        return exc.code, f"{exc}; temporary files removed"
+    if isinstance(exc, Exception):
+        return 3, (f"internal error: {type(exc).__name__}: {exc} (a bug in lorapass: rerun with --debug for the "
+                   "traceback and report it)")
+    return None, ""
 
 
 if __name__ == "__main__":

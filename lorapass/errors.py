@@ -29,3 +29,7 @@ class UnsupportedError(LorapassError):
 
 class SpecError(LorapassError):
     """A hardware spec or model config file is invalid."""
+
+
+class LorapassWarning(UserWarning):
+    """Something lorapass ignored on request (e.g. an unknown adapter_config.json key); the CLI prints it."""

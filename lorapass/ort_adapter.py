@@ -8,47 +8,57 @@ import os
 from pathlib import Path
 
 import numpy as np
-import onnx
+import onnx_ir as ir
 
 from lorapass.adapter import Adapter, load_adapter
+from lorapass.atomic import Transaction
 from lorapass.errors import AdapterError, ModelError
 from lorapass.onnx.fold import read
 from lorapass.onnx.load import load_model
 from lorapass.onnx.sites import find_sites
 from lorapass.onnx.slots import METADATA_KEY, Slot, from_record
+from lorapass.provenance import input_files
 from lorapass.site import Site
 
-_DTYPES = {onnx.TensorProto.FLOAT: np.float32, onnx.TensorProto.FLOAT16: np.float16, onnx.TensorProto.INT64: np.int64}
+_DTYPES = {ir.DataType.FLOAT: np.float32, ir.DataType.FLOAT16: np.float16, ir.DataType.INT64: np.int64}
 
 
-def slots_of(model: str | os.PathLike) -> tuple[list[Slot], dict[str, np.dtype]]:
-    """The slots of a dynamic model (from its ``lorapass.lora`` records) and its input dtypes by name."""
-    proto = onnx.load(str(model), load_external_data=False)
-    meta = {p.key: p.value for p in proto.metadata_props}
-    if METADATA_KEY not in meta:
+def slots_of(model: str | os.PathLike, graph: ir.Model | None = None) -> tuple[list[Slot], dict[str, np.dtype]]:
+    """The slots of a dynamic model (rebuilt from its ``lorapass.lora`` records) and its input dtypes by name;
+    ModelError if the records are missing, malformed, or name inputs the graph does not have."""
+    graph = graph if graph is not None else load_model(model)
+    text = graph.metadata_props.get(METADATA_KEY)
+    if text is None:
         raise ModelError(f"{model}: not a lorapass dynamic graph (no {METADATA_KEY!r} metadata)")
-    slots = [from_record(rec) for rec in json.loads(meta[METADATA_KEY])]
-    dtypes = {v.name: np.dtype(_DTYPES.get(v.type.tensor_type.elem_type, np.float32)) for v in proto.graph.input}
+    try:
+        records = json.loads(text)
+    except (ValueError, RecursionError) as exc:
+        raise ModelError(f"{model}: metadata {METADATA_KEY!r} is not valid JSON ({exc})") from None
+    try:
+        if not isinstance(records, list):
+            raise TypeError("not a list")
+        slots = [from_record(rec) for rec in records]
+        names = {i.name for slot in slots for i in slot.inputs()}
+    except (TypeError, KeyError, AttributeError) as exc:
+        raise ModelError(f"{model}: metadata {METADATA_KEY!r} must be a JSON list of slot records ({exc!r})") from None
+    dtypes = {v.name: np.dtype(_DTYPES.get(v.dtype, np.float32)) for v in graph.graph.inputs}
+    missing = sorted(names - set(dtypes))
+    if missing:
+        raise ModelError(f"{model}: metadata {METADATA_KEY!r} lists LoRA inputs the graph does not have: {missing[:4]}")
     return slots, dtypes
 
 
 class _ModelWeights:
     """The base weights of a dynamic model, read on demand (its sites found as a rewrite finds them)."""
 
-    def __init__(self, model: str | os.PathLike, paths: list[str]) -> None:
-        self.model, self.paths = Path(model), paths
-        self._graph = None
+    def __init__(self, model: str | os.PathLike, graph: ir.Model, paths: list[str]) -> None:
+        self.model, self.graph, self.paths = Path(model), graph, paths
         self._sites: dict[str, Site] | None = None
-
-    def graph(self):
-        if self._graph is None:
-            self._graph = load_model(self.model)
-        return self._graph
 
     def site_at(self, path: str) -> Site | None:
         if self._sites is None:
             self._sites = {}
-            for site in find_sites(self.graph(), wanted=self.paths).sites:
+            for site in find_sites(self.graph, wanted=self.paths).sites:
                 self._sites.setdefault(site.path, site)
         return self._sites.get(path)
 
@@ -59,21 +69,22 @@ class _ModelWeights:
         return site.storage.read()
 
     def tensor(self, name: str) -> np.ndarray:
-        value = self.graph().graph.initializers.get(name)
+        value = self.graph.graph.initializers.get(name)
         if value is None:
             raise ModelError(f"{self.model}: the initializer {name!r} a slot record names is missing")
         return read(value.const_value).astype(np.float32)
 
 
-def adapter_parameters(adapter: Adapter, model: str | os.PathLike) -> dict[str, np.ndarray]:
+def adapter_parameters(adapter: Adapter, model: str | os.PathLike, graph: ir.Model | None = None) -> dict[str, np.ndarray]:
     """The adapter's values for the dynamic graph's slot inputs (each slot says how, and checks the shapes).
 
     Uses the graph's own ``lorapass.lora`` records for which module paths have slots and each adapter module's
     own rank and scale (for PEFT: rank_pattern / alpha_pattern / rslora as PEFT resolves them). Values that
-    depend on base weights (DoRA's factor, token rows) read them from ``model``. Slots whose defaults hold the
+    depend on base weights (DoRA's factor, token rows) read them from the graph. Slots whose defaults hold the
     adapter the graph was built with get neutral values when this adapter has nothing for them.
     """
-    slots, dtypes = slots_of(model)
+    graph = graph if graph is not None else load_model(model)
+    slots, dtypes = slots_of(model, graph)
     by_module: dict[str, list[Slot]] = {}
     for slot in slots:
         by_module.setdefault(slot.module, []).append(slot)
@@ -84,7 +95,7 @@ def adapter_parameters(adapter: Adapter, model: str | os.PathLike) -> dict[str, 
             f"{adapter.source}: {len(unknown)} adapter module(s) have no LoRA input in {model}: "
             + ", ".join(f"{m!r} (expects inputs {m}.lora_A/.lora_B)" for m in unknown[:5])
             + f"; the graph's LoRA inputs are e.g. {names[:4]}")
-    weights = _ModelWeights(model, list(by_module))
+    weights = _ModelWeights(model, graph, list(by_module))
     values: dict[str, np.ndarray] = {}
     for path, kind in adapter.modules.items():
         here = by_module[path]
@@ -107,16 +118,19 @@ def export_adapter(adapter_dir: str | os.PathLike | Adapter, model: str | os.Pat
     import onnxruntime as ort
 
     adapter = adapter_dir if isinstance(adapter_dir, Adapter) else load_adapter(adapter_dir)
-    params = adapter_parameters(adapter, model)
+    graph = load_model(model)
+    params = adapter_parameters(adapter, model, graph)
     fmt = ort.AdapterFormat()
     fmt.set_parameters({k: ort.OrtValue.ortvalue_from_numpy(v) for k, v in params.items()})
-    output = Path(output)
-    tmp = output.with_name(f".{output.name}.tmp-{os.getpid()}")
-    try:
-        fmt.export_adapter(str(tmp))
-        os.replace(tmp, output)
-    finally:
-        tmp.unlink(missing_ok=True)
+    output, model = Path(output), Path(model)
+    data = {model.parent / v.const_value.location for v in graph.graph.initializers.values()
+            if isinstance(v.const_value, ir.ExternalTensor)}
+    with Transaction([output], [model, *data, *input_files([adapter], None)]) as commit:
+        try:
+            fmt.export_adapter(str(commit.temp(output)))
+        except RuntimeError as exc:  # onnxruntime reports I/O failures as RuntimeError
+            raise OSError(f"{output}: onnxruntime could not write the adapter ({exc})") from exc
+        commit.commit()
     return output
 
 

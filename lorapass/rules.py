@@ -22,28 +22,60 @@ get silently wrong: ``peft_type`` other than LORA (LoHa, LoKr, IA3, ...), ``targ
 modified base weight), and a missing ``target_modules`` (PEFT would pick per-architecture defaults). DoRA
 (``use_dora``), ``lora_bias``, ``bias``, ``modules_to_save`` and ``trainable_token_indices`` are read into adapter
 kinds (:mod:`lorapass.formats.peft`); ``use_dora`` is also a rule field, for DoRA-ready dynamic slots.
+
+Keys of ``adapter_config.json`` (:data:`PEFT_KEYS` is PEFT 0.21's ``LoraConfig``, field by field): the keys above
+are read or refused; the rest of PEFT's keys (:data:`HARMLESS_KEYS`: bookkeeping, dropout, training- and
+initialisation-only settings) cannot change the merged or dynamic weights and are accepted silently. Any other
+key is unknown: a misspelling (``lora_alhpa``) or a newer PEFT feature, either of which could change the
+result, so it is a RuleError naming the key and the closest known key, unless unknown keys are allowed
+(``unknown_keys="warn"``, :func:`allow_unknown_keys`, the CLI's ``--allow-unknown-keys``): then a
+:class:`~lorapass.errors.LorapassWarning` says the same and the key is ignored, as PEFT itself does.
+
+Values are checked where PEFT would only fail later or compute nonsense: ``lora_alpha`` and ``alpha_pattern``
+must be finite float32 values (negative alpha, PEFT's adapter negation, is allowed), ranks are 1..:data:`MAX_RANK`, and
+``rank_pattern``/``alpha_pattern`` keys and ``layers_pattern`` must compile in the composed expressions that
+matching uses (an inline flag such as ``(?i)`` or a group named ``idx`` compiles alone but not there).
 """
 
 from __future__ import annotations
 
+import contextvars
+import difflib
 import json
 import math
 import re
-from collections.abc import Callable, Collection, Sequence
+import warnings
+from collections.abc import Callable, Collection, Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from lorapass.errors import AdapterError, RuleError, UnsupportedError
+from lorapass.errors import AdapterError, LorapassWarning, RuleError, UnsupportedError
 
 ALL_LINEAR = "all-linear"
 PEFT_CONFIG = "adapter_config.json"
 _CONDENSE_AT = 20  # PEFT's MIN_TARGET_MODULES_FOR_OPTIMIZATION
 _RESIDUAL_INITS = ("olora", "corda", "loftq", "lora_ga")
+MAX_RANK = 65536
+"""The largest rank accepted (vLLM serves up to 512; a larger "rank" is a typo that would exhaust memory)."""
 _PEFT_FIELDS = ("r", "lora_alpha", "target_modules", "exclude_modules", "layers_to_transform", "layers_pattern",
                 "rank_pattern", "alpha_pattern", "use_rslora", "fan_in_fan_out", "use_dora")
+PEFT_KEYS = frozenset((
+    "task_type", "peft_type", "auto_mapping", "peft_version", "base_model_name_or_path", "revision", "inference_mode",
+    "r", "target_modules", "exclude_modules", "lora_alpha", "lora_dropout", "fan_in_fan_out", "bias", "use_rslora",
+    "modules_to_save", "init_lora_weights", "layers_to_transform", "layers_pattern", "rank_pattern", "alpha_pattern",
+    "megatron_config", "megatron_core", "trainable_token_indices", "loftq_config", "eva_config", "corda_config",
+    "lora_ga_config", "use_dora", "velora_config", "alora_invocation_tokens", "use_qalora", "qalora_group_size",
+    "monteclora_config", "layer_replication", "runtime_config", "lora_bias", "target_parameters", "use_bdlora",
+    "arrow_config", "kasa_config", "ensure_weight_tying"))
+"""Every field of PEFT 0.21's ``LoraConfig`` (with ``PeftConfig``'s): the keys an adapter_config.json may have."""
+_FLOAT32_MAX = 3.4028234663852886e38
+Alpha = Annotated[float, Field(allow_inf_nan=False, ge=-_FLOAT32_MAX, le=_FLOAT32_MAX)]
+"""A finite alpha that fits float32 (scales are applied in float32); negative alpha negates the adapter."""
+_UNKNOWN_KEYS: contextvars.ContextVar[str] = contextvars.ContextVar("lorapass_unknown_keys", default="error")
 
 
 def _given(value: Any) -> bool:
@@ -64,6 +96,23 @@ _UNSUPPORTED: tuple[tuple[str, Callable[[Any], bool], str], ...] = (
      "the adapter is relative to a modified base weight (save it with path_initial_model_for_weight_conversion)"),
     ("target_modules", lambda v: v is None, "PEFT would choose per-architecture defaults"),
 )
+ADAPTER_KEYS = frozenset(("bias", "lora_bias", "modules_to_save", "trainable_token_indices"))
+"""Keys whose tensors the PEFT reader turns into adapter kinds (:mod:`lorapass.formats.peft`)."""
+HARMLESS_KEYS = PEFT_KEYS - set(_PEFT_FIELDS) - ADAPTER_KEYS - {key for key, _, _ in _UNSUPPORTED}
+"""PEFT keys lorapass ignores because they cannot change the weights: bookkeeping (task_type, peft_version,
+base_model_name_or_path, revision, inference_mode, auto_mapping), lora_dropout (inactive at inference),
+training-only settings (megatron_*, velora_config, runtime_config, ensure_weight_tying: tied adapters show up
+as tensors, which are checked), and the configs of initialisations whose use ``init_lora_weights`` decides."""
+
+
+@contextmanager
+def allow_unknown_keys() -> Iterator[None]:
+    """Within the block, unknown adapter_config.json keys are warned about and ignored instead of refused."""
+    token = _UNKNOWN_KEYS.set("warn")
+    try:
+        yield
+    finally:
+        _UNKNOWN_KEYS.reset(token)
 
 
 class LoraParams(BaseModel, frozen=True):
@@ -84,10 +133,10 @@ class LoraRule(BaseModel):
     exclude_modules: list[str] | str | None = None
     layers_to_transform: int | list[int] | None = None
     layers_pattern: str | list[str] | None = None
-    r: int = Field(8, gt=0)
-    lora_alpha: float = 8
+    r: int = Field(8, gt=0, le=MAX_RANK)
+    lora_alpha: Alpha = 8
     rank_pattern: dict[str, int] = {}
-    alpha_pattern: dict[str, float] = {}
+    alpha_pattern: dict[str, Alpha] = {}
     use_rslora: bool = False
     fan_in_fan_out: bool = False
     use_dora: bool = False  # DoRA: a per-output factor input on every dynamic slot (plain LoRA files run with it = 1)
@@ -105,22 +154,22 @@ class LoraRule(BaseModel):
     @classmethod
     def _patterns_compile(cls, value: str | list[str] | None) -> str | list[str] | None:
         for pattern in [value] if isinstance(value, str) else value or ():
-            _compile(pattern)
+            _compile(pattern, _layer_regex(pattern))
         return value
 
     @field_validator("rank_pattern", "alpha_pattern")
     @classmethod
     def _keys_compile(cls, value: dict[str, Any]) -> dict[str, Any]:
         for key in value:
-            _compile(key)
+            _compile(key, _pattern_regex(key))
         return value
 
     @field_validator("rank_pattern")
     @classmethod
     def _ranks_positive(cls, value: dict[str, int]) -> dict[str, int]:
-        bad = {k: r for k, r in value.items() if r <= 0}
+        bad = {k: r for k, r in value.items() if not 0 < r <= MAX_RANK}
         if bad:
-            raise ValueError(f"ranks must be > 0, got {bad}")
+            raise ValueError(f"ranks must be 1..{MAX_RANK}, got {bad}")
         return value
 
     @model_validator(mode="after")
@@ -165,8 +214,13 @@ class LoraRule(BaseModel):
         return chosen
 
     @classmethod
-    def from_peft_config(cls, config: dict[str, Any] | str | Path) -> LoraRule:
-        """The rule of a PEFT ``adapter_config.json`` (a dict, the file, or its directory); unknown keys ignored."""
+    def from_peft_config(cls, config: dict[str, Any] | str | Path,
+                         unknown_keys: Literal["error", "warn"] | None = None) -> LoraRule:
+        """The rule of a PEFT ``adapter_config.json`` (a dict, the file, or its directory).
+
+        A key PEFT 0.21 does not know is a RuleError, or with ``unknown_keys="warn"`` (default: "error", or
+        "warn" inside :func:`allow_unknown_keys`) a LorapassWarning; either names the closest known key.
+        """
         if isinstance(config, dict):
             source, name, data = "adapter config", "lora", config
         else:
@@ -179,8 +233,11 @@ class LoraRule(BaseModel):
                 raise AdapterError(f"{file}: cannot read the adapter config ({err.strerror or err})") from err
             except ValueError as err:
                 raise AdapterError(f"{file}: the adapter config is not valid JSON ({err})") from err
+            except RecursionError:
+                raise AdapterError(f"{file}: the adapter config is nested too deeply to be a PEFT config") from None
             if not isinstance(data, dict):
                 raise AdapterError(f"{file}: the adapter config is not a JSON object")
+        _check_keys(data, source, unknown_keys or _UNKNOWN_KEYS.get())
         for key, unsupported, why in _UNSUPPORTED:
             if unsupported(data.get(key)):
                 raise UnsupportedError(f"{source}: {key}={data.get(key)!r} is not supported: {why}")
@@ -227,7 +284,7 @@ class LoraRule(BaseModel):
             found = re.match(r".*?\.[^.]*\.(?P<idx>\d+)\.", path)
         else:
             patterns = [self.layers_pattern] if isinstance(self.layers_pattern, str) else self.layers_pattern
-            found = next((m for p in patterns if (m := re.match(rf"(?:^|.*?\.){p}\.(?P<idx>\d+)\.", path))), None)
+            found = next((m for p in patterns if (m := re.match(_layer_regex(p), path))), None)
         if found is None:
             return False
         index = int(found.group("idx"))
@@ -262,16 +319,43 @@ class RuleSet(BaseModel):
         return {path: chosen[path] for path in paths if path in chosen}
 
 
-def _compile(pattern: str) -> None:
-    try:
-        re.compile(pattern)
-    except re.error as err:
-        raise ValueError(f"invalid regular expression {pattern!r}: {err}") from None
+def _check_keys(data: dict[str, Any], source: str, policy: str) -> None:
+    """Refuse (or with policy "warn", warn about) keys that are not PEFT LoraConfig fields."""
+    for key in data:
+        if key in PEFT_KEYS:
+            continue
+        close = difflib.get_close_matches(str(key), sorted(PEFT_KEYS), n=1, cutoff=0.6)
+        hint = f"closest known key: {close[0]!r}" if close else "no PEFT 0.21 LoraConfig field is close"
+        message = f"{source}: unknown key {key!r} ({hint})"
+        if policy != "warn":
+            raise RuleError(f"{message}; it could change the result, so it is not ignored: "
+                            "correct it, or allow unknown keys (--allow-unknown-keys) to ignore it as PEFT does")
+        warnings.warn(f"{message}: ignored", LorapassWarning, stacklevel=3)
+
+
+def _compile(pattern: str, composed: str | None = None) -> None:
+    """``pattern`` and the expression matching builds around it must compile (ValueError naming ``pattern``)."""
+    for text in dict.fromkeys([pattern, composed or pattern]):
+        try:
+            re.compile(text)
+        except (re.error, RecursionError, OverflowError) as err:
+            where = "" if text == pattern else f" (as matching uses it, {text!r})"
+            raise ValueError(f"invalid regular expression {pattern!r}{where}: {err}") from None
+
+
+def _pattern_regex(key: str) -> str:
+    """How PEFT's get_pattern_key matches a rank_pattern/alpha_pattern key against a module path."""
+    return rf"(.*\.)?({key})$"
+
+
+def _layer_regex(pattern: str) -> str:
+    """How PEFT finds the layer index after ``layers_pattern`` in a module path."""
+    return rf"(?:^|.*?\.){pattern}\.(?P<idx>\d+)\."
 
 
 def _pattern_value(pattern: dict[str, Any], path: str, default: Any) -> Any:
     """PEFT's get_pattern_key + dict lookup: the first key matching a trailing dotted part of ``path``."""
-    key = next((k for k in pattern if re.match(rf"(.*\.)?({k})$", path)), path)
+    key = next((k for k in pattern if re.match(_pattern_regex(k), path)), path)
     return pattern.get(key, default)
 
 
@@ -312,6 +396,8 @@ def _load_yaml(path: str | Path) -> Any:
         raise RuleError(f"{path}: cannot read the rules file ({err.strerror or err})") from err
     except (yaml.YAMLError, UnicodeDecodeError) as err:
         raise RuleError(f"{path}: not valid YAML ({err})") from err
+    except RecursionError:
+        raise RuleError(f"{path}: the rules are nested too deeply") from None
 
 
 def _validated(model: type[Any], data: Any, source: str) -> Any:
@@ -320,6 +406,8 @@ def _validated(model: type[Any], data: Any, source: str) -> Any:
         return model.model_validate(data)
     except ValidationError as err:
         raise RuleError(f"{source}: " + "; ".join(_describe(e, data) for e in err.errors())) from None
+    except RecursionError:
+        raise RuleError(f"{source}: the rules are nested too deeply") from None
 
 
 def _describe(error: Any, data: Any) -> str:
@@ -330,4 +418,8 @@ def _describe(error: Any, data: Any) -> str:
         where, loc = f"rules[{loc[1]}] ", loc[2:]
     if isinstance(rule, dict) and "name" in rule:
         where += f"(rule {rule['name']!r}) "
-    return f"{where}{'.'.join(map(str, loc)) or 'rule'}: {error['msg']}"
+    msg = error["msg"]
+    if error["type"] == "extra_forbidden" and loc:
+        close = difflib.get_close_matches(str(loc[-1]), sorted(LoraRule.model_fields), n=1, cutoff=0.6)
+        msg = "unknown key" + (f" (closest known key: {close[0]!r})" if close else "")
+    return f"{where}{'.'.join(map(str, loc)) or 'rule'}: {msg}"

@@ -310,9 +310,9 @@ def test_unsupported_keys(tmp_path, extra, key):
     assert str(file) in str(err.value) and key in str(err.value)
 
 
-def test_from_peft_config_ignores_unknown_keys_and_accepts_supported_variants():
+def test_from_peft_config_accepts_harmless_keys_and_supported_variants():
     rule = LoraRule.from_peft_config({"peft_type": "LORA", "target_modules": ["q_proj"], "r": 4, "lora_alpha": 8,
-                                      "some_future_key": 1, "task_type": "CAUSAL_LM", "lora_dropout": 0.1,
+                                      "task_type": "CAUSAL_LM", "lora_dropout": 0.1,
                                       "init_lora_weights": "gaussian", "bias": "none", "use_dora": False,
                                       "modules_to_save": None, "rank_pattern": None, "alpha_pattern": {}})
     assert rule.params("model.layers.0.self_attn.q_proj") == LoraParams(r=4, alpha=8, scale=2.0)

@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 
 from lorapass.errors import AdapterError, UnsupportedError
+from lorapass.tensors import checked, pickle_payload
 
 
 @dataclass
@@ -60,7 +61,7 @@ class TensorFile:
 
         try:
             with safe_open(str(self.path), framework="numpy") as f:
-                return f.get_tensor(key).astype(np.float32)
+                return checked(f.get_tensor(key), key, self.path)
         except TypeError:  # bfloat16 and other dtypes numpy lacks: read through torch
             pass
         try:
@@ -68,7 +69,7 @@ class TensorFile:
         except ImportError as exc:
             raise UnsupportedError(f"{self.path}: tensor {key!r} has a dtype numpy cannot read; install torch") from exc
         with safe_open(str(self.path), framework="pt") as f:
-            return f.get_tensor(key).float().numpy()
+            return checked(f.get_tensor(key), key, self.path)
 
     def _unpickle(self) -> dict[str, np.ndarray]:
         if self._pickled is None:
@@ -78,7 +79,7 @@ class TensorFile:
                 state = torch.load(self.path, map_location="cpu", weights_only=True)
             except Exception as exc:
                 raise AdapterError(f"{self.path}: cannot be read with torch.load(weights_only=True): {exc}") from exc
-            self._pickled = {k: v.float().numpy() for k, v in state.items()}
+            self._pickled = pickle_payload(state, self.path)
         return self._pickled
 
 

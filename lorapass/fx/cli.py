@@ -31,8 +31,8 @@ def load_factory(spec: str, app_dir: str | None = ".") -> Any:
             sys.path.insert(0, folder)
     try:
         module = importlib.import_module(module_name)
-    except ImportError as exc:
-        raise ModelError(f"{spec!r}: cannot import {module_name!r} ({exc})") from exc
+    except Exception as exc:  # ImportError, or whatever the module's own code raises on import
+        raise ModelError(f"{spec!r}: cannot import {module_name!r} ({type(exc).__name__}: {exc})") from exc
     target: Any = module
     for part in attribute.split("."):
         if not hasattr(target, part):
@@ -64,7 +64,10 @@ def build_model(spec: str, app_dir: str | None = ".") -> tuple[Any, tuple | None
 def _call(factory: Any, spec: str) -> Any:
     if not callable(factory):
         raise ModelError(f"{spec!r}: {type(factory).__name__} is neither a module nor callable")
-    return factory()
+    try:
+        return factory()
+    except Exception as exc:  # the user's code failed: say so in one line (--debug shows its traceback)
+        raise ModelError(f"{spec!r}: the factory raised {type(exc).__name__}: {exc}") from exc
 
 
 def parse_input(spec: str) -> tuple[str, Any]:

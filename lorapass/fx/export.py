@@ -27,7 +27,9 @@ from typing import TYPE_CHECKING, Any
 
 import onnx_ir as ir
 
+from lorapass.atomic import Transaction
 from lorapass.errors import ModelError, UnsupportedError
+from lorapass.provenance import input_files
 
 if TYPE_CHECKING:  # torch is an optional dependency: imported only when the pipeline runs
     import torch
@@ -102,25 +104,28 @@ def _quiet(logger_name: str) -> Iterator[None]:
         logger.setLevel(level)
 
 
-def save(model: ir.Model, path: str | os.PathLike, external_data: bool | None = None) -> Path:
-    """Write ``model`` to ``path`` atomically; weights to ``<name>.data`` when ``external_data`` (default: by size)."""
+def save(model: ir.Model, path: str | os.PathLike, external_data: bool | None = None,
+         inputs: list[Path] = ()) -> Path:
+    """Write ``model`` to ``path`` all or nothing (:class:`lorapass.atomic.Transaction`, never over one of
+    ``inputs``); weights to ``<name>.data`` when ``external_data`` (default: by size)."""
     path = Path(path)
     if path.is_dir():
         raise ModelError(f"{path}: is a directory; give the .onnx file to write")
     if external_data is None:
         external_data = sum(v.const_value.nbytes for v in model.graph.initializers.values()
                             if v.const_value is not None) >= EXTERNAL_DATA_THRESHOLD
-    path.parent.mkdir(parents=True, exist_ok=True)
-    staging = path.parent / f".{path.name}.tmp-{os.getpid()}"
-    data = f"{path.name}.data"
-    try:
+    data = path.with_name(f"{path.name}.data")
+    with Transaction([path, data] if external_data else [path], inputs) as commit:
+        staging = commit.temp(path).with_suffix(".dir")  # ir.save writes the data file beside the model
         staging.mkdir()
-        ir.save(model, staging / path.name, external_data=data if external_data else None)
-        if external_data:
-            os.replace(staging / data, path.parent / data)
-        os.replace(staging / path.name, path)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+        try:
+            ir.save(model, staging / path.name, external_data=data.name if external_data else None)
+            os.replace(staging / path.name, commit.temp(path))
+            if external_data:
+                os.replace(staging / data.name, commit.temp(data))
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+        commit.commit()
     return path
 
 
@@ -149,5 +154,6 @@ def export(model: torch.nn.Module | torch.export.ExportedProgram, example_inputs
                    allow_pickle=allow_pickle, strict=strict)
     onnx_model = to_onnx(result, example_inputs, example_kwargs, dynamic_shapes, input_names, output_names,
                          opset_version, optimize)
-    written = save(onnx_model, path, external_data) if path is not None else None
+    inputs = input_files([result.adapter], None) if result.adapter is not None else []
+    written = save(onnx_model, path, external_data, inputs) if path is not None else None
     return ExportResult(onnx_model, written, result)

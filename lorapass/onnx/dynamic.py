@@ -53,14 +53,16 @@ class Joint:
     the value before the bias, and rerouting of readers to a slot's new value."""
 
     def __init__(self, g: _Graph, site: Site) -> None:
-        self.graph, self.site = g.graph, site
-        self.x, self.y = g.values[site.input], g.values[site.output]
+        self.g, self.graph, self.site = g, g.graph, site
+        self.x, self.y = g.values[site.input], g.base[site.output]
 
     def replace(self, b: Branch, old: ir.Value, new: ir.Value) -> None:
-        """Readers of ``old`` (but the branch's own nodes) read ``new``, named after the node making it."""
+        """Readers of ``old`` (but the branch's own nodes) read ``new``, named after the node making it. Later
+        lookups of the site's output give the joined value, so a targeted site reading it (``v(q(x))``) reads it
+        with this one's branch applied."""
         reroute(self.graph, old, new, keep=b.nodes, name=new.producer().name.rsplit("/", 1)[0].replace("/", ".") + ".out")
         if old is self.y:
-            self.y = new
+            self.y = self.g.values[self.site.output] = new
 
     def before_bias(self, b: Branch) -> ir.Value:
         """The site's value before its bias; a Gemm's bias is split out into an ``Add`` after it first."""
@@ -74,7 +76,7 @@ class Joint:
             self.graph.insert_after(node, add)
             reroute(self.graph, pre, add.outputs[0], keep={add}, name=f"{self.site.path}.biased")
             if pre is self.y:
-                self.y = add.outputs[0]
+                self.y = self.g.values[self.site.output] = add.outputs[0]
         return node.outputs[0]
 
 
@@ -83,7 +85,8 @@ class _Graph:
 
     def __init__(self, model: ir.Model, targets: list[Target]) -> None:
         self.model, self.graph = model, model.graph
-        self.values = {v.name: v for n in self.graph for v in n.outputs} | {v.name: v for v in self.graph.inputs}
+        self.base = {v.name: v for n in self.graph for v in n.outputs} | {v.name: v for v in self.graph.inputs}
+        self.values = dict(self.base)  # name -> its value with every branch joined so far
         self.slots: dict[tuple[str, str], tuple[Slot, dict[str, ir.Value]]] = {}
         self.weights = _Weights(self.graph, targets)
 
@@ -106,8 +109,8 @@ class _Graph:
         return self.slots[key]
 
     def insert(self, b: Branch, site: Site) -> None:
-        """Place the branch's nodes right after the node producing the site's output."""
-        self.graph.insert_after(self.values[site.output].producer(), b.nodes)
+        """Place the branch's nodes right after the node producing the site's (base) output."""
+        self.graph.insert_after(self.base[site.output].producer(), b.nodes)
 
 
 def insert_lora(model: ir.Model, targets: list[Target]) -> int:

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
+from lorapass import provenance
 from lorapass.adapter import Adapter, load_adapter
 from lorapass.errors import RuleError, UnsupportedError
 from lorapass.onnx.load import load_model
@@ -75,12 +76,16 @@ def strategy_of(rules: LoraRule | RuleSet, strategy: Strategy | None) -> Strateg
 
 def rewrite(model: str | os.PathLike, output: str | os.PathLike, adapter=None,
             rules: str | os.PathLike | LoraRule | RuleSet | None = None, strategy: Strategy | None = None,
-            prefix: str | None = None, allow_pickle: bool = False, progress: bool | None = None) -> RewriteResult:
+            prefix: str | None = None, allow_pickle: bool = False, progress: bool | None = None,
+            force: bool = False) -> RewriteResult:
     """Apply LoRA to the ONNX file ``model`` and write ``output``; the input is never modified.
 
     ``adapter`` is one adapter or a list (an Adapter, a path, or ``PATH:WEIGHT``); several adapters merge as the
-    sum of their weighted deltas. ``rules`` select the targets (default: each adapter's own config).
+    sum of their weighted deltas. ``rules`` select the targets (default: each adapter's own config). The output
+    records what was applied (:mod:`lorapass.provenance`); applying LoRA to a graph that already has lorapass
+    slots, or merging the same adapter twice, is refused unless ``force``.
     """
+    rules_file = rules if isinstance(rules, (str, os.PathLike)) else None
     adapters = as_adapters(adapter, allow_pickle)
     rule_sets = [_rules(rules, a) for a in adapters] or [_rules(rules, None)]
     strategy = strategy_of(rule_sets[0], strategy)
@@ -91,11 +96,12 @@ def rewrite(model: str | os.PathLike, output: str | os.PathLike, adapter=None,
     graph = load_model(model)
     report = find_sites(graph, prefix=prefix, wanted=[m for a in adapters for m in a.modules])
     targets = [t for a, r in zip(adapters or [None], rule_sets) for t in plan(report.sites, r, report.output_heads, a)]
+    provenance.stamp(graph, model, adapters, strategy, targets, force, rules_file)
     if strategy == "merge":
         merge(graph, targets)
     else:
         from lorapass.onnx.dynamic import insert_lora
 
         insert_lora(graph, targets)
-    stats = save_model(graph, model, output, progress=progress)
+    stats = save_model(graph, model, output, progress=progress, inputs=provenance.input_files(adapters, rules_file))
     return RewriteResult(Path(output), strategy, report, targets, stats)

@@ -1,10 +1,11 @@
-"""Write a rewritten model atomically, streaming one tensor at a time.
+"""Write a rewritten model all or nothing, streaming one tensor at a time.
 
-External data is copied file by file (a kernel copy that never enters this process), then every
-tensor the rewrite replaced is computed and written on its own: into its old slot when it has the
-same size (merge), else appended, aligned, to the output's data file. Tensors stay inline when the
-input kept them inline. Everything goes to temporary files first and is renamed into place only
-once complete, data before the model; on failure the temporaries are removed and nothing is left.
+External data is copied file by file (a kernel copy that never enters this process, a plain copy where the
+kernel refuses, e.g. across filesystems), then every tensor the rewrite replaced is computed and written on
+its own: into its old slot when it has the same size (merge), else appended, aligned, to the output's data
+file. Tensors stay inline when the input kept them inline. Everything goes to temporaries first and is
+committed by :class:`lorapass.atomic.Transaction`: outputs never overwrite an input, the model and its data
+files are renamed into place together or not at all, and nothing is left behind on failure or SIGTERM.
 """
 
 from __future__ import annotations
@@ -12,9 +13,8 @@ from __future__ import annotations
 import os
 import shutil
 from collections import deque
+from collections.abc import Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,6 +22,7 @@ import numpy as np
 import onnx_ir as ir
 from tqdm import tqdm
 
+from lorapass.atomic import Transaction
 from lorapass.errors import ModelError
 
 REPLACES = "lorapass.replaces"
@@ -48,20 +49,17 @@ class _DataFile:
 
 
 def _data_names(locations: list[str], out: Path) -> dict[str, str]:
+    """The output's data file per input location: ``<out>.data`` for one, ``<out>.<location>`` (made unique) for several."""
     if len(locations) == 1:
         return {locations[0]: f"{out.name}.data"}
-    return {loc: f"{out.name}.{loc.replace('/', '_').replace(os.sep, '_')}" for loc in locations}
-
-
-@contextmanager
-def _temporaries() -> Iterator[list[Path]]:
-    made: list[Path] = []
-    try:
-        yield made
-    except BaseException:
-        for path in made:
-            path.unlink(missing_ok=True)
-        raise
+    names: dict[str, str] = {}
+    for loc in locations:
+        name = base = f"{out.name}.{loc.replace('/', '_').replace(os.sep, '_')}"
+        i = 1
+        while name in names.values():
+            name, i = f"{base}_{i}", i + 1
+        names[loc] = name
+    return names
 
 
 class _Writer:
@@ -91,28 +89,25 @@ class _Writer:
         self.pool.shutdown(wait=True, cancel_futures=error is not None)  # never leave a write running
 
 
-def save_model(model: ir.Model, source: str | os.PathLike, out: str | os.PathLike, progress: bool | None = None) -> SaveStats:
-    """Save ``model`` (loaded from ``source``) to ``out`` without ever touching the source files."""
-    source, out = Path(source).resolve(), Path(out).resolve()
-    if out == source:
-        raise ModelError(f"{out}: the output must not overwrite the input model")
-    out.parent.mkdir(parents=True, exist_ok=True)
+def save_model(model: ir.Model, source: str | os.PathLike, out: str | os.PathLike, progress: bool | None = None,
+               inputs: Iterable[str | os.PathLike] = ()) -> SaveStats:
+    """Save ``model`` (loaded from ``source``) to ``out``, all or nothing.
+
+    No output file (model, data files, temporaries) may be ``source``, its external data or any of ``inputs``
+    (e.g. the adapter's files, the rules file): ModelError before anything is written.
+    """
+    source, out = Path(source).resolve(), Path(os.path.abspath(out))
     initializers = list(model.graph.initializers.values())
     external = [v for v in initializers if isinstance(v.const_value, ir.ExternalTensor)]
     replaced = [v for v in initializers if REPLACES in v.meta and isinstance(v.meta[REPLACES], ir.ExternalTensor)]
     locations = list(dict.fromkeys([v.const_value.location for v in external] + [v.meta[REPLACES].location for v in replaced]))
     names = _data_names(locations, out)
-    inputs = {(source.parent / loc).resolve() for loc in locations} | {source}
-    for name in names.values():
-        if (out.parent / name).resolve() in inputs:
-            raise ModelError(f"{out}: its data file {name!r} would overwrite an input file")
+    read = [source, *(source.parent / loc for loc in locations), *map(Path, inputs)]
     stats = SaveStats()
-    pid = os.getpid()
-    with _temporaries() as made, _Writer() as io:
+    with Transaction([out, *(out.parent / name for name in names.values())], read) as commit, _Writer() as io:
         files: dict[str, _DataFile] = {}
         for loc, name in names.items():
-            tmp = out.parent / f".{name}.tmp-{pid}"
-            made.append(tmp)
+            tmp = commit.temp(out.parent / name)
             slots = [(v.meta[REPLACES].offset or 0, v.meta[REPLACES].nbytes) for v in replaced
                      if v.meta[REPLACES].location == loc and v.meta[REPLACES].nbytes == v.const_value.nbytes]
             files[loc] = _DataFile(name, tmp, (source.parent / loc).stat().st_size)
@@ -134,14 +129,10 @@ def save_model(model: ir.Model, source: str | os.PathLike, out: str | os.PathLik
         proto = ir.to_proto(model)
         if proto.ByteSize() > _PROTO_LIMIT:
             raise ModelError(f"{out}: the model proto would exceed 2 GB; write the input with external data")
-        tmp_model = out.parent / f".{out.name}.tmp-{pid}"
-        made.append(tmp_model)
         data = proto.SerializeToString()
-        tmp_model.write_bytes(data)
+        commit.temp(out).write_bytes(data)
         stats.bytes_written += len(data)
-        for f in files.values():
-            os.replace(f.tmp, out.parent / f.name)
-        os.replace(tmp_model, out)
+        commit.commit()
     return stats
 
 
@@ -151,16 +142,33 @@ def _copy_except(src: Path, dst: Path, slots: list[tuple[int, int]]) -> int:
         shutil.copyfile(src, dst)
         return dst.stat().st_size
     size, copied, pos = src.stat().st_size, 0, 0
+    kernel = hasattr(os, "copy_file_range")
     with open(src, "rb") as fin, open(dst, "wb") as fout:
         fout.truncate(size)
         for start, stop in sorted((o, o + n) for o, n in slots) + [(size, size)]:
             while pos < start:
-                n = os.copy_file_range(fin.fileno(), fout.fileno(), start - pos, pos, pos)
+                if not kernel:
+                    n = _copy_range(fin.fileno(), fout.fileno(), pos, start - pos)
+                else:
+                    try:
+                        n = os.copy_file_range(fin.fileno(), fout.fileno(), start - pos, pos, pos)
+                    except OSError:  # EXDEV (another filesystem), EINVAL, ENOSYS...: copy in user space
+                        kernel = False
+                        continue
                 if n == 0:
                     raise ModelError(f"{src}: shorter than its tensors say")
                 pos, copied = pos + n, copied + n
             pos = max(pos, stop)
     return copied
+
+
+def _copy_range(fin: int, fout: int, offset: int, count: int, chunk: int = 1 << 24) -> int:
+    """Copy up to ``count`` bytes at ``offset`` with plain reads and writes; returns how many (0 at end of file)."""
+    data = os.pread(fin, min(count, chunk), offset)
+    view, done = memoryview(data), 0
+    while done < len(data):
+        done += os.pwrite(fout, view[done:], offset + done)
+    return len(data)
 
 
 def _external(file: _DataFile, offset: int, length: int, like: ir.TensorProtocol, folder: Path) -> ir.ExternalTensor:
