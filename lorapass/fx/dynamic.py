@@ -22,11 +22,10 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from lorapass.errors import UnsupportedError
 from lorapass.fx.program import Program, aten
 from lorapass.fx.sites import ADDMM, full_path
 from lorapass.onnx.dynamic import slots_for
-from lorapass.onnx.slots import METADATA_KEY, EmbeddingSlot, LinearSlot, Slot
+from lorapass.onnx.slots import METADATA_KEY
 from lorapass.onnx.sites import SiteReport
 from lorapass.plan import Target
 
@@ -48,15 +47,6 @@ class _Weights:
 
     def tensor(self, name: str) -> np.ndarray:
         return self.program.tensor(name).detach().to(torch.float32).cpu().numpy()
-
-
-def _slot(target: Target) -> Slot:
-    slots = slots_for(target)
-    if len(slots) != 1 or type(slots[0]) not in (LinearSlot, EmbeddingSlot):
-        module = target.module
-        raise UnsupportedError(f"{module.source}: {module.key()} ({module.name}) is not supported by the fx frontend's "
-                               "dynamic strategy; apply it to the ONNX export (lorapass rewrite)")
-    return slots[0]
 
 
 def _split_bias(program: Program, y: torch.fx.Node) -> torch.fx.Node | None:
@@ -85,7 +75,7 @@ def insert_lora(program: Program, report: SiteReport, targets: list[Target]) -> 
     records = []
     for target in targets:
         site = target.site
-        slot = _slot(target)
+        slot, = slots_for(target)  # one low-rank slot: lorapass.fx.api refuses the other kinds
         if site.path not in state:
             weight = program.tensor(site.weight)
             values = slot.values(target.module, weights)

@@ -26,11 +26,6 @@ from lorapass.plan import Target
 def merged(weight: torch.Tensor, target: Target) -> torch.Tensor:
     """The target's merged weight in ``weight``'s own layout and dtype: its kind computes W' from W in float32,
     torch's layout (W + s·B·A, DoRA's rescale, an embedding table's s·(B·A)ᵀ)."""
-    parts = target.module.parts(target.site)
-    if parts - {"low_rank"} or getattr(target.module, "bias", None) is not None:
-        raise UnsupportedError(f"{target.module.source}: {target.module.key()} ({target.module.name}, "
-                               f"{sorted(parts)}) is not supported by the fx frontend; apply it to the ONNX export "
-                               "(lorapass rewrite)")
     new = torch.from_numpy(np.ascontiguousarray(target.module.merged(target.site.storage.read())))
     new = new if target.site.layout == "out_in" else new.T
     return new.to(device=weight.device, dtype=weight.dtype).contiguous()

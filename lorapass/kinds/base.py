@@ -9,7 +9,7 @@ replaces the graph's weight like a trained module.
 
 from __future__ import annotations
 
-from abc import ABC, abstractmethod
+from abc import ABC
 from pathlib import Path
 from typing import ClassVar
 

@@ -77,8 +77,11 @@ class _Magnitude:
     taken in float32 over the other axis and treated as a constant; the bias is not rescaled."""
 
     dora = True
-    magnitude: TensorRef
     output_axis: int  # the axis of the torch-layout weight that holds the output features
+
+    def __init__(self, *args, magnitude: TensorRef, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.magnitude = magnitude
 
     def factor(self, w: np.ndarray) -> np.ndarray:
         """g = m / ‖W + ΔW‖ for the float32 base weight ``w`` in torch layout."""
@@ -114,17 +117,9 @@ class Dora(_Magnitude, Lora):
     name = "dora"
     output_axis = 0
 
-    def __init__(self, *args, magnitude: TensorRef, **kwargs) -> None:
-        super().__init__(*args, **kwargs)
-        self.magnitude = magnitude
-
 
 class EmbeddingDora(_Magnitude, EmbeddingLora):
     """DoRA on an embedding: the magnitude [dim] rescales every embedding dimension (a column of the table)."""
 
     name = "embedding dora"
     output_axis = 1
-
-    def __init__(self, *args, magnitude: TensorRef, **kwargs) -> None:
-        super().__init__(*args, **kwargs)
-        self.magnitude = magnitude

@@ -64,7 +64,7 @@ class Joint:
         if old is self.y:
             self.y = self.g.values[self.site.output] = new
 
-    def before_bias(self, b: Branch) -> ir.Value:
+    def before_bias(self) -> ir.Value:
         """The site's value before its bias; a Gemm's bias is split out into an ``Add`` after it first."""
         node = self.site.storage.node
         if self.site.bias is None or node.op_type == "MatMul":

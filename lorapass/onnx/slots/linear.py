@@ -54,23 +54,19 @@ class LinearSlot(Slot):
 
     def values(self, module: Kind | None, weights: Weights) -> dict[str, np.ndarray]:
         rec = self.record
-        if module is None or "low_rank" not in module.own_parts():
-            r, out = rec["r"], {}
-            a, b = np.zeros((rec["in"], r), np.float32), np.zeros((r, rec["out"]), np.float32)
-        else:
+        low_rank = module is not None and "low_rank" in module.own_parts()
+        if low_rank:
             self._check_fits(module)
             a, b = self.factors(module)
-            out = {}
-        out |= {rec["lora_A"]: a, rec["lora_B"]: b}
-        if "dora_factor" in rec:
-            dora = module is not None and module.dora
-            if dora:
-                full = module.full("weight")
-                out[rec["dora_factor"]] = module.factor(full.read() if full is not None else weights.site(self.path))
-            else:
-                out[rec["dora_factor"]] = np.ones(rec["out"], np.float32)
+        else:
+            a, b = np.zeros((rec["in"], rec["r"]), np.float32), np.zeros((rec["r"], rec["out"]), np.float32)
+        out = {rec["lora_A"]: a, rec["lora_B"]: b}
+        if "dora_factor" in rec:  # g from the weight the norm is of (a replaced one where the adapter has it)
+            full = module.full("weight") if low_rank and module.dora else None
+            out[rec["dora_factor"]] = (np.ones(rec["out"], np.float32) if not (low_rank and module.dora) else
+                                       module.factor(full.read() if full is not None else weights.site(self.path)))
         if "lora_bias" in rec:
-            bias = module.lora_bias() if module is not None and "low_rank" in module.own_parts() else None
+            bias = module.lora_bias() if low_rank else None
             out[rec["lora_bias"]] = bias if bias is not None else np.zeros(rec["out"], np.float32)
         return self.checked(module, out) if module is not None else out
 
@@ -94,7 +90,7 @@ class LinearSlot(Slot):
         if "lora_bias" in inputs:
             delta = b.op("Add", [delta, inputs["lora_bias"]], f"{self.path}/lora_B/bias_Add")
         if "dora_factor" in inputs:
-            pre = joint.before_bias(b)
+            pre = joint.before_bias()
             summed = b.op("Add", [pre, delta], f"{self.path}/lora/Add")
             joint.replace(b, pre, b.op("Mul", [summed, inputs["dora_factor"]], f"{self.path}/lora/dora_Mul"))
         else:
