@@ -87,7 +87,8 @@ def _refuse_unsupported(targets: list[Target], strategy: str) -> None:
         parts = module.parts(target.site)
         bias = getattr(module, "bias", None) is not None and strategy == "merge"
         if parts - {"low_rank"} or bias:
-            raise UnsupportedError(f"{module.source}: {module.key()} ({module.name}, changes "
+            key = module.key("lora_bias") if bias else module.key()
+            raise UnsupportedError(f"{module.source}: {key} ({module.name}, changes "
                                    f"{sorted(parts | ({'bias'} if bias else set()))}) is not supported by the fx "
                                    f"frontend's {strategy}; apply it to the ONNX export (lorapass rewrite)")
 
