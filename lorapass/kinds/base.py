@@ -26,6 +26,7 @@ class Kind(ABC):
     name: ClassVar[str]  # the kind's name in reports
     site_kinds: ClassVar[tuple[str, ...]] = ("linear",)  # the site kinds it applies to
     targeted: ClassVar[bool] = True  # chosen by the rules' target_modules (False: applied by name, as PEFT does)
+    dora: ClassVar[bool] = False  # whether the merged weight is rescaled per output feature (DoRA)
 
     def __init__(self, path: str, source: Path, r: int, alpha: float, scale: float,
                  replaced: dict[str, TensorRef] | None = None, saved_base: TensorRef | None = None) -> None:
@@ -65,8 +66,6 @@ class Kind(ABC):
 
     def check_own(self, site: Site) -> None:
         """The shape checks of the kind's own tensors."""
-
-    dora: ClassVar[bool] = False  # whether the merged weight is rescaled per output feature (DoRA)
 
     def own_parts(self) -> set[str]:
         """What the kind itself adds: ``low_rank`` (a branch), ``tokens`` (replaced rows)."""

@@ -18,6 +18,7 @@ class Lora(Kind):
     times any user weight; ``bias`` is PEFT's ``lora_B.bias`` [out] (``lora_bias=True``), added times the scale."""
 
     name = "lora"
+    site_kinds = ("linear", "conv")
 
     def __init__(self, path: str, source: Path, a: TensorRef, b: TensorRef, r: int, alpha: float, scale: float,
                  bias: TensorRef | None = None, **extra) -> None:
@@ -115,6 +116,7 @@ class Dora(_Magnitude, Lora):
     """DoRA on a linear module: ``lora_magnitude_vector`` [out] rescales every output row of W + s·B·A."""
 
     name = "dora"
+    site_kinds = ("linear",)  # PEFT's Conv DoRA (a norm over every axis but the output channel) is not applied
     output_axis = 0
 
 
