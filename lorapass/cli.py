@@ -26,8 +26,21 @@ def _add_selection(p: argparse.ArgumentParser) -> None:
                         "multiplies its scale; several --adapter merge as the sum of their deltas")
     p.add_argument("--rules", metavar="FILE", help="YAML rules; default: the adapter's own config")
     p.add_argument("--prefix", help="wrapper scope to strip from module paths (default: detected)")
+    add_alias_option(p)
     p.add_argument("--allow-pickle", action="store_true",
                    help="read adapter_model.bin (torch.load with weights_only=True) when no safetensors file exists")
+
+
+def add_alias_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--alias", action="append", metavar="GRAPH=PEFT",
+                   help="rename a module path component of the graph to PEFT's (e.g. attn=self_attn), on top of the "
+                        "detected exporter dialect; repeatable")
+
+
+def aliases(args: argparse.Namespace) -> dict[str, str]:
+    from lorapass.onnx.dialects import parse_aliases
+
+    return parse_aliases(args.alias)
 
 
 def _slot_rule(args: argparse.Namespace):
@@ -51,7 +64,7 @@ def _cmd_rewrite(args: argparse.Namespace) -> int:
 
     rules = _slot_rule(args)
     result = rewrite(args.model, args.output, adapter=args.adapter, rules=rules, strategy=args.strategy,
-                     prefix=args.prefix, allow_pickle=args.allow_pickle, force=args.force)
+                     prefix=args.prefix, allow_pickle=args.allow_pickle, force=args.force, aliases=aliases(args))
     summary = {
         "output": str(result.output),
         "strategy": result.strategy,
@@ -60,8 +73,13 @@ def _cmd_rewrite(args: argparse.Namespace) -> int:
         "prefix": result.report.prefix,
         "bytes_written": result.stats.bytes_written,
     }
+    if result.requantization is not None:
+        summary["requantization"] = result.requantization
+        if result.requantization["warning"]:
+            print(f"lorapass: warning: {result.requantization['warning']}", file=sys.stderr)
     print(json.dumps(summary) if args.json else
-          f"{result.strategy}: {summary['targets']} of {summary['sites']} sites -> {result.output}")
+          f"{result.strategy}: {summary['targets']} of {summary['sites']} sites -> {result.output}"
+          + (f" ({result.requantization['delta_kept']:.1%} of the delta kept by requantization)" if result.requantization else ""))
     return 0
 
 
@@ -72,7 +90,7 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
     adapter = rules = None
     if args.adapter or args.rules:
         adapter, rules = resolve_inputs(args.adapter, args.rules, args.allow_pickle)
-    result = inspect_model(args.model, adapter, rules, args.prefix)
+    result = inspect_model(args.model, adapter, rules, args.prefix, aliases(args))
     print(json.dumps(result.to_dict(), indent=2) if args.json else format_table(result))
     return 0
 
@@ -80,7 +98,7 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
 def _cmd_export_adapter(args: argparse.Namespace) -> int:
     from lorapass.ort_adapter import export_adapter
 
-    out = export_adapter(args.adapter, args.model, args.output)
+    out = export_adapter(args.adapter, args.model, args.output, aliases(args))
     print(f"wrote {out}")
     return 0
 
@@ -116,6 +134,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("adapter", help="PEFT adapter directory")
     p.add_argument("--model", required=True, help="the dynamic graph written by `lorapass rewrite --strategy dynamic`")
     p.add_argument("-o", "--output", required=True, help="output .onnx_adapter")
+    add_alias_option(p)
     p.set_defaults(func=_cmd_export_adapter)
 
     from lorapass.cost.cli import add_analyse_parser, add_calibrate_parser

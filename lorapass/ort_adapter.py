@@ -75,51 +75,59 @@ class _ModelWeights:
         return read(value.const_value).astype(np.float32)
 
 
-def adapter_parameters(adapter: Adapter, model: str | os.PathLike, graph: ir.Model | None = None) -> dict[str, np.ndarray]:
+def adapter_parameters(adapter: Adapter, model: str | os.PathLike, graph: ir.Model | None = None,
+                       aliases: dict[str, str] | None = None) -> dict[str, np.ndarray]:
     """The adapter's values for the dynamic graph's slot inputs (each slot says how, and checks the shapes).
 
     Uses the graph's own ``lorapass.lora`` records for which module paths have slots and each adapter module's
-    own rank and scale (for PEFT: rank_pattern / alpha_pattern / rslora as PEFT resolves them). Values that
+    own rank and scale (for PEFT: rank_pattern / alpha_pattern / rslora as PEFT resolves them). ``aliases``
+    (graph components -> the adapter's) rename the slots' paths to the adapter's module names. Values that
     depend on base weights (DoRA's factor, token rows) read them from the graph. Slots whose defaults hold the
     adapter the graph was built with get neutral values when this adapter has nothing for them.
     """
+    from lorapass.onnx.dialects import Dialect
+
+    rename = Dialect("alias", aliases=aliases or {}).module_path
     graph = graph if graph is not None else load_model(model)
     slots, dtypes = slots_of(model, graph)
-    by_module: dict[str, list[Slot]] = {}
-    for slot in slots:
-        by_module.setdefault(slot.module, []).append(slot)
-    unknown = [m for m in adapter.modules if m not in by_module]
+    known = {rename(path) for slot in slots for path in slot.paths}
+    unknown = [m for m in adapter.modules if m not in known]
     if unknown:
         names = sorted(i.name for slot in slots for i in slot.inputs())
         raise AdapterError(
             f"{adapter.source}: {len(unknown)} adapter module(s) have no LoRA input in {model}: "
             + ", ".join(f"{m!r} (expects inputs {m}.lora_A/.lora_B)" for m in unknown[:5])
             + f"; the graph's LoRA inputs are e.g. {names[:4]}")
-    weights = _ModelWeights(model, graph, list(by_module))
-    values: dict[str, np.ndarray] = {}
-    for path, kind in adapter.modules.items():
-        here = by_module[path]
-        missing = kind.parts(weights.site_at(path) if kind.saved_base is not None else None) - set().union(
-            *(slot.covers() for slot in here))
+    weights = _ModelWeights(model, graph, sorted({path for slot in slots for path in slot.paths}))
+    covered: dict[str, tuple[str, set[str], list[str]]] = {}  # module -> (graph path, parts carried, slot types)
+    for slot in slots:
+        for path in slot.paths:
+            entry = covered.setdefault(rename(path), (path, set(), []))
+            entry[1].update(slot.covers())
+            entry[2].append(slot.type)
+    for module, kind in adapter.modules.items():
+        path, parts, types = covered[module]
+        missing = kind.parts(weights.site_at(path) if kind.saved_base is not None else None) - parts
         if missing:
             raise AdapterError(
-                f"{adapter.source}: {kind.key()} ({kind.name}) changes {sorted(missing)} of {path!r}, which the graph's "
-                f"slots there ({', '.join(s.type for s in here)}) do not carry; rewrite {model} with this adapter")
-        for slot in here:
-            values |= slot.values(kind, weights)
+                f"{adapter.source}: {kind.key()} ({kind.name}) changes {sorted(missing)} of {module!r}, which the "
+                f"graph's slots there ({', '.join(types)}) do not carry; rewrite {model} with this adapter")
+    values: dict[str, np.ndarray] = {}
     for slot in slots:
-        if slot.module not in adapter.modules and slot.record.get("default") == "adapter":
-            values |= slot.values(None, weights)
+        modules = {path: adapter.modules[rename(path)] for path in slot.paths if rename(path) in adapter.modules}
+        if modules or slot.record.get("default") == "adapter":  # else the graph's neutral defaults stay
+            values |= slot.values_for(modules, weights)
     return {name: np.ascontiguousarray(array, dtype=dtypes.get(name, np.float32)) for name, array in values.items()}
 
 
-def export_adapter(adapter_dir: str | os.PathLike | Adapter, model: str | os.PathLike, output: str | os.PathLike) -> Path:
+def export_adapter(adapter_dir: str | os.PathLike | Adapter, model: str | os.PathLike, output: str | os.PathLike,
+                   aliases: dict[str, str] | None = None) -> Path:
     """Write ``output`` (.onnx_adapter) holding the adapter's weights for the dynamic graph ``model``."""
     import onnxruntime as ort
 
     adapter = adapter_dir if isinstance(adapter_dir, Adapter) else load_adapter(adapter_dir)
     graph = load_model(model)
-    params = adapter_parameters(adapter, model, graph)
+    params = adapter_parameters(adapter, model, graph, aliases)
     fmt = ort.AdapterFormat()
     fmt.set_parameters({k: ort.OrtValue.ortvalue_from_numpy(v) for k, v in params.items()})
     output, model = Path(output), Path(model)

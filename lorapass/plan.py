@@ -35,7 +35,7 @@ def select(sites: list[Site], rules: LoraRule | RuleSet, output_heads: list[str]
     PEFT applies by name (``modules_to_save``, trainable tokens, replaced biases), in graph order."""
     ruleset = rules if isinstance(rules, RuleSet) else RuleSet(rules=[rules])
     paths = list(dict.fromkeys(s.path for s in sites))
-    not_linear = [s.path for s in sites if s.kind != "linear"]
+    not_linear = [s.path for s in sites if s.kind not in ("linear", "packed")]  # packed: a linear's row block
     selected = ruleset.select(paths, [*output_heads, *not_linear])
     named = {m for m, kind in (adapter.modules.items() if adapter is not None else ()) if not kind.targeted}
     return [Target(s, *selected[s.path]) if s.path in selected else Target(s, adapter.rule, adapter.rule.params(s.path))

@@ -298,13 +298,26 @@ class RuleSet(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     rules: list[LoraRule] = Field(min_length=1)
+    aliases: dict[str, str] = Field(default_factory=dict)
+    """Graph path components -> PEFT's (``{attn: self_attn}``), for exporters lorapass has no dialect for."""
+
+    @field_validator("aliases")
+    @classmethod
+    def _aliases_valid(cls, value: dict[str, str]) -> dict[str, str]:
+        from lorapass.onnx.dialects import parse_aliases
+
+        try:
+            return parse_aliases(value)
+        except RuleError as err:
+            raise ValueError(str(err)) from None
 
     @classmethod
     def from_yaml(cls, path: str | Path) -> RuleSet:
-        """A YAML file holding one rule mapping or ``{rules: [...]}``."""
+        """A YAML file holding one rule mapping or ``{rules: [...]}`` (either may have ``aliases``)."""
         data = _load_yaml(path)
         if isinstance(data, dict) and "rules" not in data:
-            data = {"rules": [data]}
+            rule = dict(data)
+            data = {"rules": [rule]} | ({"aliases": rule.pop("aliases")} if "aliases" in rule else {})
         return _validated(cls, data, str(path))
 
     def select(self, paths: Sequence[str],

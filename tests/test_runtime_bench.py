@@ -16,7 +16,7 @@ VARIANTS = {"base", "merged", "dynamic", "dynamic_unfused", "dynamic_dora", "pef
 
 def test_runtime_bench_quick_json():
     out = subprocess.run([sys.executable, str(BENCH), "--quick", "--repeat", "2"], check=False,
-                         capture_output=True, text=True, timeout=120)
+                         capture_output=True, text=True, timeout=240)
     assert out.returncode == 0, out.stderr[-2000:]
     report = json.loads(out.stdout)
     assert report["model"]["params"] > 0 and report["adapter"]["r"] == 16
@@ -46,3 +46,17 @@ def test_runtime_bench_quick_json():
         assert set(unfused["lora_by_op"]) == {"MatMul", "Add"}
         assert set(p["ort_profile"]["dynamic_dora"]["lora_by_op"]) == {"MatMul", "Add", "Mul"}  # DoRA's factor
         assert all(op["nodes"] > 0 and op["us_per_node"] > 0 for op in unfused["lora_by_op"].values())
+    kv = report["kv_decode"]  # the KV-cache decode case on a genai-built model
+    assert kv["past"] == 32 and kv["model"]["exporter"] == "onnxruntime-genai builder"
+    assert set(kv["median_ms"]) == {"base", "builder_file", "merged", "dynamic", "slots_with_adapter"}
+    assert all(v > 0 for v in kv["median_ms"].values()) and all(v > 0 for v in kv["over_base"].values())
+    assert all(kv["max_rel_diff_vs_merged"][k] <= 1e-4 for k in ("dynamic", "slots_with_adapter"))
+    assert kv["max_rel_diff_vs_merged"]["base"] > 1e-2  # the adapter changes the logits
+    assert kv["max_rel_diff_vs_merged"]["base"] == kv["max_rel_diff_vs_merged"]["builder_file"]  # one graph
+    assert set(kv["targets_met"]) == {"merged_over_base", "dynamic_over_base", "slots_with_adapter_over_base"}
+    dora = report["kv_decode_dora"]  # DoRA beside plain LoRA on the same genai graph (packed q/k/v)
+    assert set(dora["median_ms"]) == {"base", "dynamic", "slots_with_adapter", "merged", "dynamic_dora",
+                                      "dora_slots_with_adapter"}
+    assert all(dora["max_rel_diff_vs_merged"][k] <= 1e-4 for k in ("dynamic_dora", "dora_slots_with_adapter"))
+    assert dora["max_rel_diff_vs_merged"]["dynamic"] > 1e-3  # plain LoRA is not DoRA: the magnitudes matter
+    assert dora["dora_over_lora_dynamic"] > 0 and set(dora["targets_met"]) == {"dora_over_lora_dynamic"}

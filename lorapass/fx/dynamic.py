@@ -75,7 +75,7 @@ def insert_lora(program: Program, report: SiteReport, targets: list[Target]) -> 
     records = []
     for target in targets:
         site = target.site
-        slot, = slots_for(target)  # one low-rank slot: lorapass.fx.api refuses the other kinds
+        slot, = slots_for([target])  # one low-rank slot: lorapass.fx.api refuses the other kinds
         if site.path not in state:
             weight = program.tensor(site.weight)
             values = slot.values(target.module, weights)

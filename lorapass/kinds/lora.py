@@ -18,12 +18,17 @@ class Lora(Kind):
     times any user weight; ``bias`` is PEFT's ``lora_B.bias`` [out] (``lora_bias=True``), added times the scale."""
 
     name = "lora"
-    site_kinds = ("linear", "conv")
+    site_kinds = ("linear", "packed", "conv")
 
     def __init__(self, path: str, source: Path, a: TensorRef, b: TensorRef, r: int, alpha: float, scale: float,
                  bias: TensorRef | None = None, **extra) -> None:
         super().__init__(path, source, r, alpha, scale, **extra)
         self.a, self.b, self.bias = a, b, bias
+
+    @property
+    def out_features(self) -> int:
+        """Output rows of the delta (packed weights are split by them)."""
+        return self.b.shape[0]
 
     def own_keys(self) -> dict[str, str]:
         keys = {"lora_A": self.a.key, "lora_B": self.b.key}
@@ -116,7 +121,7 @@ class Dora(_Magnitude, Lora):
     """DoRA on a linear module: ``lora_magnitude_vector`` [out] rescales every output row of W + s·B·A."""
 
     name = "dora"
-    site_kinds = ("linear",)  # PEFT's Conv DoRA (a norm over every axis but the output channel) is not applied
+    site_kinds = ("linear", "packed")  # PEFT's Conv DoRA (a norm over every axis but the output channel) is not applied
     output_axis = 0
 
 

@@ -1,12 +1,12 @@
 """Strategy ``dynamic``: a LoRA branch beside each targeted site, its weights overridable graph inputs.
 
-Each targeted module path gets its slots (:mod:`lorapass.onnx.slots`: graph inputs with default initializers,
-branch nodes, a metadata record), one per slot type it wants (low-rank, replaced weight/bias, token rows); a
-module computed by several nodes (both branches of an ``If``, a weight read twice) shares them. A plain branch's
-delta joins the site's output (after its bias) with ``Add``; a DoRA branch joins before the bias (see
-:class:`Joint`). Sites that read one activation may share one A product (``fuse_shared_inputs``: their A
-inputs are concatenated at run time and the product split by each input's rank); measured slower at decode
-on ONNX Runtime CPU, so off by default.
+Each targeted slot path (a site, or the row blocks of one packed node) gets its slots (:mod:`lorapass.onnx.slots`:
+graph inputs with default initializers, branch nodes, a metadata record), one per slot type it wants (low-rank,
+replaced weight/bias, token rows); a module computed by several nodes (both branches of an ``If``, a weight read
+twice) shares them. A plain branch's delta joins the site's output (after its bias) with ``Add``; a DoRA branch
+joins before the bias (see :class:`Joint`). Sites that read one activation may share one A product
+(``fuse_shared_inputs``: their A inputs are concatenated at run time and the product split by each input's rank);
+measured slower at decode on ONNX Runtime CPU, so off by default.
 """
 
 from __future__ import annotations
@@ -17,21 +17,24 @@ from collections import defaultdict
 import numpy as np
 import onnx_ir as ir
 
+from lorapass.errors import UnsupportedError
 from lorapass.onnx.edit import reroute
 from lorapass.onnx.fold import read
-from lorapass.onnx.slots import METADATA_KEY, Branch, EmbeddingSlot, LinearSlot, ReplaceSlot, Slot, TokensSlot
+from lorapass.onnx.slots import (METADATA_KEY, Branch, EmbeddingSlot, LinearSlot, PackedSlot, ReplaceSlot, Slot,
+                                 TokensSlot)
 from lorapass.plan import Target
 from lorapass.site import Site
 
-SLOT_TYPES: dict[str, list[type[Slot]]] = {"linear": [LinearSlot, ReplaceSlot, TokensSlot],
+SLOT_TYPES: dict[str, list[type[Slot]]] = {"linear": [LinearSlot, ReplaceSlot, TokensSlot], "packed": [PackedSlot],
                                            "embedding": [EmbeddingSlot, ReplaceSlot, TokensSlot]}
-"""Site kind -> the slot types a dynamic rewrite may give it, in the order they join; a target gets each one that
-``wants`` it (a LoRA-ready target, without an adapter module, gets the first)."""
+"""Site kind -> the slot types a dynamic rewrite may give it, in the order they join; targets get each one that
+``wants`` one of them (a LoRA-ready target, without an adapter module, wants the first)."""
 
 
-def slots_for(target: Target) -> list[Slot]:
-    """The slots a target's site gets."""
-    return [cls.for_target(target) for cls in SLOT_TYPES[target.site.kind] if cls.wants(target)]
+def slots_for(targets: list[Target]) -> list[Slot]:
+    """The slots of the targets sharing one slot path (one site, the row blocks of one packed node, or one module
+    computed by several nodes)."""
+    return [cls.for_targets(targets) for cls in SLOT_TYPES[targets[0].site.kind] if any(cls.wants(t) for t in targets)]
 
 
 class _Weights:
@@ -48,54 +51,46 @@ class _Weights:
         return read(self.graph.initializers[name].const_value).astype(np.float32)
 
 
-class Joint:
-    """Where a site's slots meet the graph: the activation ``x``, the current output ``y`` (after earlier slots),
-    the value before the bias, and rerouting of readers to a slot's new value."""
-
-    def __init__(self, g: _Graph, site: Site) -> None:
-        self.g, self.graph, self.site = g, g.graph, site
-        self.x, self.y = g.values[site.input], g.base[site.output]
-
-    def replace(self, b: Branch, old: ir.Value, new: ir.Value) -> None:
-        """Readers of ``old`` (but the branch's own nodes) read ``new``, named after the node making it. Later
-        lookups of the site's output give the joined value, so a targeted site reading it (``v(q(x))``) reads it
-        with this one's branch applied."""
-        reroute(self.graph, old, new, keep=b.nodes, name=new.producer().name.rsplit("/", 1)[0].replace("/", ".") + ".out")
-        if old is self.y:
-            self.y = self.g.values[self.site.output] = new
-
-    def before_bias(self) -> ir.Value:
-        """The site's value before its bias; a Gemm's bias is split out into an ``Add`` after it first."""
-        node = self.site.storage.node
-        if self.site.bias is None or node.op_type == "MatMul":
-            return node.outputs[0] if self.site.kind == "linear" else self.y
-        if len(node.inputs) > 2 and node.inputs[2] is not None:
-            bias, pre = node.inputs[2], node.outputs[0]
-            node.resize_inputs(2)
-            add = ir.Node("", "Add", [pre, bias], name=f"{self.site.path}/bias/Add")
-            self.graph.insert_after(node, add)
-            reroute(self.graph, pre, add.outputs[0], keep={add}, name=f"{self.site.path}.biased")
-            if pre is self.y:
-                self.y = self.g.values[self.site.output] = add.outputs[0]
-        return node.outputs[0]
-
-
 class _Graph:
-    """The graph being rewritten: its values by name, the slots made so far and their input values."""
+    """The graph being rewritten: its values by scope, the slots made so far and their input values."""
 
     def __init__(self, model: ir.Model, targets: list[Target]) -> None:
         self.model, self.graph = model, model.graph
-        self.base = {v.name: v for n in self.graph for v in n.outputs} | {v.name: v for v in self.graph.inputs}
-        self.values = dict(self.base)  # name -> its value with every branch joined so far
+        self.scopes: dict[ir.Graph, dict[str, ir.Value]] = {}
+        self.parents: dict[ir.Graph, ir.Graph | None] = {self.graph: None}
+        for graph in [self.graph, *self.graph.subgraphs()]:
+            self.scopes[graph] = {v.name: v for v in graph.inputs} | {v.name: v for n in graph for v in n.outputs}
+            for node in graph:
+                for sub in _subgraphs(node):
+                    self.parents[sub] = graph
+        self.joined: dict[tuple[ir.Graph, str], ir.Value] = {}  # (scope, name) -> its value with LoRA joined
         self.slots: dict[tuple[str, str], tuple[Slot, dict[str, ir.Value]]] = {}
         self.weights = _Weights(self.graph, targets)
 
-    def slot(self, target: Target, slot: Slot) -> tuple[Slot, dict[str, ir.Value]]:
-        """A slot of a module path and its graph inputs (role -> value), made once per path and type."""
-        key = (target.site.path, slot.type)
+    def scope(self, site: Site, name: str) -> ir.Graph:
+        """The graph defining ``name`` as the site's node sees it (its own graph first, then the enclosing ones:
+        the branches of an If may reuse one name)."""
+        graph = site.storage.node.graph if site.storage is not None else self.graph
+        while graph is not None and name not in self.scopes.get(graph, {}):
+            graph = self.parents.get(graph)
+        return graph if graph is not None else self.graph
+
+    def base(self, site: Site, name: str) -> ir.Value:
+        """The value ``name`` as the graph had it (before any LoRA was joined)."""
+        return self.scopes[self.scope(site, name)][name]
+
+    def value(self, site: Site, name: str) -> ir.Value:
+        """The value ``name`` with every branch joined so far: a targeted site reading another one's output
+        (``v(q(x))``) reads it with q's LoRA applied."""
+        scope = self.scope(site, name)
+        return self.joined.get((scope, name), self.scopes[scope][name])
+
+    def slot(self, targets: list[Target], slot: Slot) -> tuple[Slot, dict[str, ir.Value]]:
+        """A slot of a slot path and its graph inputs (role -> value), made once per path and type."""
+        key = (targets[0].site.slot_path, slot.type)
         if key not in self.slots:
-            activation = ir.DataType[target.site.dtype.upper()]
-            defaults = slot.values(target.module, self.weights)
+            activation = ir.DataType[targets[0].site.dtype.upper()]
+            defaults = slot.values_for({t.module.path: t.module for t in targets if t.module is not None}, self.weights)
             inputs = {}
             for spec in slot.inputs():
                 dtype = ir.DataType[spec.dtype.upper()] if spec.dtype else activation
@@ -109,28 +104,104 @@ class _Graph:
         return self.slots[key]
 
     def insert(self, b: Branch, site: Site) -> None:
-        """Place the branch's nodes right after the node producing the site's (base) output."""
-        self.graph.insert_after(self.base[site.output].producer(), b.nodes)
+        """Place the branch's nodes right after the node producing the site's output (in that node's graph)."""
+        producer = self.base(site, site.output).producer()
+        producer.graph.insert_after(producer, b.nodes)
+
+
+class Joint:
+    """Where a site's slots meet the graph: the activation ``x``, the current output ``y`` (after earlier slots),
+    the value before the bias, and rerouting of readers to a slot's new value."""
+
+    def __init__(self, g: _Graph, site: Site, x: ir.Value) -> None:
+        self.g, self.site, self.x = g, site, x
+        self.y = g.base(site, site.output)
+
+    def replace(self, b: Branch, old: ir.Value, new: ir.Value) -> None:
+        """Readers of ``old`` (but the branch's own nodes) read ``new``, named after the node making it. Later
+        lookups of the site's output give the joined value."""
+        reroute(old, new, keep=b.nodes, name=new.producer().name.rsplit("/", 1)[0].replace("/", ".") + ".out")
+        if old is self.y:
+            self.y = new
+            self.g.joined[(self.g.scope(self.site, self.site.output), self.site.output)] = new
+
+    def add(self, b: Branch, delta: ir.Value, tag: str) -> None:
+        """``y + delta`` in place of the site's output; a module split over several nodes gets each node's rows."""
+        site = self.site
+        if not site.joins:
+            self.replace(b, self.y, b.op("Add", [self.y, delta], f"{site.path}/{tag}/Add"))
+            return
+        sizes = b.const(np.array([rows for _, rows in site.joins], np.int64), f"{site.path}/{tag}/sizes")
+        parts = b.op("Split", [delta, sizes], f"{site.path}/{tag}/Split", {"axis": -1}, outputs=len(site.joins))
+        for i, ((name, _), part) in enumerate(zip(site.joins, parts)):
+            y = self.g.base(site, name)
+            joined = b.op("Add", [y, part], f"{site.path}/{tag}/{i}/Add")
+            reroute(y, joined, keep=b.nodes, name=f"{site.path}.{tag}.{i}.out")
+            self.g.joined[(self.g.scope(site, name), name)] = joined
+
+    def before_bias(self) -> ir.Value:
+        """The site's value before its bias; a Gemm's bias is split out into an ``Add`` after it first."""
+        site, node = self.site, self.site.storage.node
+        if site.joins:
+            raise UnsupportedError(f"site {site.path!r} is split over {len(site.joins)} nodes: a DoRA factor there "
+                                   "is not supported in dynamic (merge applies it)")
+        if site.bias is None or node.op_type == "MatMul":
+            return node.outputs[0] if site.kind == "linear" else self.y
+        if len(node.inputs) > 2 and node.inputs[2] is not None:
+            bias, pre = node.inputs[2], node.outputs[0]
+            node.resize_inputs(2)
+            add = ir.Node("", "Add", [pre, bias], name=f"{site.path}/bias/Add")
+            node.graph.insert_after(node, add)
+            reroute(pre, add.outputs[0], keep={add}, name=f"{site.path}.biased")
+            if pre is self.y:
+                self.y = add.outputs[0]
+        return node.outputs[0]
+
+
+def _subgraphs(node: ir.Node) -> list[ir.Graph]:
+    out = []
+    for attr in node.attributes.values():
+        if attr.type == ir.AttributeType.GRAPH:
+            out.append(attr.as_graph())
+        elif attr.type == ir.AttributeType.GRAPHS:
+            out.extend(attr.as_graphs())
+    return out
+
+
+def _refuse_existing(targets: list[Target]) -> None:
+    again = [t.site for t in targets if t.site.lora]
+    if again:
+        names = ", ".join(f"{s.path} ({s.lora})" for s in again[:4]) + (f" and {len(again) - 4} more" if len(again) > 4 else "")
+        raise UnsupportedError(
+            f"{len(again)} targeted site(s) already have a LoRA branch: {names}. A second dynamic rewrite of the same "
+            "sites is refused (it would stack LoRA on LoRA); rewrite the base model, or target other sites")
 
 
 def insert_lora(model: ir.Model, targets: list[Target]) -> int:
-    """Insert a LoRA branch for every target (one per node); returns how many branches were added."""
+    """Insert the slots' branches for every target (one per node); returns how many targets got them."""
+    _refuse_existing(targets)
     g = _Graph(model, targets)
-    groups: dict[tuple[str, str], list[Target]] = defaultdict(list)
+    groups: dict[tuple[str, str, int], list[Target]] = defaultdict(list)
     for target in targets:
-        groups[(target.site.input, target.site.dtype)].append(target)
-    for (x_name, _), group in groups.items():
-        x = g.values[x_name]
-        fusable = [t for t in group if t.rule.fuse_shared_inputs and t.site.kind == "linear" and LinearSlot.wants(t)]
+        scope = id(target.site.storage.node.graph) if target.site.storage is not None else 0
+        groups[(target.site.input, target.site.dtype, scope)].append(target)
+    for group in groups.values():
+        x = g.value(group[0].site, group[0].site.input)
+        fusable = [t for t in group if t.rule.fuse_shared_inputs and t.site.kind == "linear" and not t.site.joins
+                   and LinearSlot.wants(t)]
         if len({t.site.path for t in fusable}) >= 2:
             _fused(g, x, fusable)
             group = [t for t in group if t not in fusable]
+        by_slot: dict[str, list[Target]] = defaultdict(list)
         for target in group:
-            joint, b = Joint(g, target.site), Branch()
-            for slot in slots_for(target):
-                slot, inputs = g.slot(target, slot)
-                slot.build(b, joint, inputs)
-            g.insert(b, target.site)
+            by_slot[target.site.slot_path].append(target)
+        for members in by_slot.values():
+            slots = [g.slot(members, slot) for slot in slots_for(members)]
+            for site in {t.site.output: t.site for t in members}.values():  # one branch per node computing it
+                joint, b = Joint(g, site, x), Branch()
+                for slot, inputs in slots:
+                    slot.build(b, joint, inputs)
+                g.insert(b, site)
     g.graph.sort()  # joins may now feed nodes placed before them
     model.metadata_props[METADATA_KEY] = json.dumps([slot.record for slot, _ in g.slots.values()])
     return len(targets)
@@ -139,11 +210,11 @@ def insert_lora(model: ir.Model, targets: list[Target]) -> int:
 def _fused(g: _Graph, x: ir.Value, group: list[Target]) -> None:
     """One A matmul for all linear sites reading ``x``: Concat the A inputs, MatMul once, Split by each rank."""
     slots: dict[str, tuple[Slot, dict]] = {}
-    others: dict[str, list[Slot]] = {}
+    others: dict[str, list[tuple[Slot, dict]]] = {}
     for t in group:
-        first, *rest = slots_for(t)
-        slots[t.site.path] = g.slot(t, first)
-        others[t.site.path] = rest
+        first, *rest = slots_for([t])
+        slots[t.site.path] = g.slot([t], first)
+        others[t.site.path] = [g.slot([t], slot) for slot in rest]
     paths = list(slots)
     tag = f"{paths[0]}+{len(paths) - 1}"
     b = Branch()
@@ -153,10 +224,9 @@ def _fused(g: _Graph, x: ir.Value, group: list[Target]) -> None:
     sizes = b.op("Concat", shapes, f"{tag}/lora_A/ranks", {"axis": 0})
     parts = dict(zip(paths, b.op("Split", [down, sizes], f"{tag}/lora_A/Split", {"axis": -1}, outputs=len(paths))))
     for target in group:
-        joint = Joint(g, target.site)
+        joint = Joint(g, target.site, x)
         slot, inputs = slots[target.site.path]
         slot.build(b, joint, inputs, down=parts[target.site.path])
-        for other in others[target.site.path]:
-            other, inputs = g.slot(target, other)
-            other.build(b, joint, inputs)
+        for other, other_inputs in others[target.site.path]:
+            other.build(b, joint, other_inputs)
     g.insert(b, group[0].site)  # insert_lora sorts the graph afterwards

@@ -8,16 +8,21 @@ from __future__ import annotations
 
 import onnx_ir as ir
 
-from lorapass.onnx.storage import commit
+from lorapass.onnx.storage import Store, commit
 from lorapass.plan import Target
 
 
-def merge(model: ir.Model, targets: list[Target]) -> int:
-    """Rewrite ``model`` in place so each targeted weight holds its merged value; returns how many weights changed."""
+def record(targets: list[Target]) -> list[Store]:
+    """Record each target's edit on its site's storage; returns the stores edited, once each."""
     stores = {}
     for target in targets:
         target.module.merge(target.site)
         for view in (target.site.storage, target.site.bias_storage):
             if view is not None:
-                stores[id(view.store)] = view.store
-    return commit(list(stores.values()), model.graph)
+                stores.update({id(store): store for store in view.stores})
+    return list(stores.values())
+
+
+def merge(model: ir.Model, targets: list[Target]) -> int:
+    """Rewrite ``model`` in place so each targeted weight holds its merged value; returns how many weights changed."""
+    return commit(record(targets), model.graph)

@@ -10,7 +10,9 @@ from typing import Literal
 from lorapass import provenance
 from lorapass.adapter import Adapter, load_adapter
 from lorapass.errors import RuleError, UnsupportedError
+from lorapass.onnx import genai
 from lorapass.onnx.load import load_model
+from lorapass.onnx.loss import summary
 from lorapass.onnx.merge import merge
 from lorapass.onnx.save import SaveStats, save_model
 from lorapass.onnx.sites import SiteReport, find_sites
@@ -29,6 +31,7 @@ class RewriteResult:
     report: SiteReport
     targets: list[Target]
     stats: SaveStats = field(default_factory=SaveStats)
+    requantization: dict | None = None  # merge into lossy (quantized) weights: how much delta survived (onnx/loss.py)
 
 
 def as_adapters(adapter, allow_pickle: bool = False) -> list[Adapter]:
@@ -77,13 +80,15 @@ def strategy_of(rules: LoraRule | RuleSet, strategy: Strategy | None) -> Strateg
 def rewrite(model: str | os.PathLike, output: str | os.PathLike, adapter=None,
             rules: str | os.PathLike | LoraRule | RuleSet | None = None, strategy: Strategy | None = None,
             prefix: str | None = None, allow_pickle: bool = False, progress: bool | None = None,
-            force: bool = False) -> RewriteResult:
+            force: bool = False, aliases: dict[str, str] | None = None) -> RewriteResult:
     """Apply LoRA to the ONNX file ``model`` and write ``output``; the input is never modified.
 
     ``adapter`` is one adapter or a list (an Adapter, a path, or ``PATH:WEIGHT``); several adapters merge as the
     sum of their weighted deltas. ``rules`` select the targets (default: each adapter's own config). The output
     records what was applied (:mod:`lorapass.provenance`); applying LoRA to a graph that already has lorapass
-    slots, or merging the same adapter twice, is refused unless ``force``.
+    slots, or merging the same adapter twice, is refused unless ``force``. ``aliases`` map graph path components
+    to PEFT's (on top of the exporter's dialect and the rules' own). An onnxruntime-genai folder's other files
+    (genai_config.json, tokenizer) are written beside the output, in the same all-or-nothing commit.
     """
     rules_file = rules if isinstance(rules, (str, os.PathLike)) else None
     adapters = as_adapters(adapter, allow_pickle)
@@ -94,7 +99,10 @@ def rewrite(model: str | os.PathLike, output: str | os.PathLike, adapter=None,
     if strategy == "dynamic" and len(adapters) > 1:
         raise UnsupportedError("strategy dynamic takes one adapter (export the others with export-adapter and swap them)")
     graph = load_model(model)
-    report = find_sites(graph, prefix=prefix, wanted=[m for a in adapters for m in a.modules])
+    data_files = genai.external_files(graph)
+    aliases = {**_rule_aliases(rule_sets), **dict(aliases or {})}
+    report = find_sites(graph, prefix=prefix, wanted={m: k for a in adapters for m, k in a.modules.items()},
+                        aliases=aliases)
     targets = [t for a, r in zip(adapters or [None], rule_sets) for t in plan(report.sites, r, report.output_heads, a)]
     provenance.stamp(graph, model, adapters, strategy, targets, force, rules_file)
     if strategy == "merge":
@@ -103,5 +111,15 @@ def rewrite(model: str | os.PathLike, output: str | os.PathLike, adapter=None,
         from lorapass.onnx.dynamic import insert_lora
 
         insert_lora(graph, targets)
-    stats = save_model(graph, model, output, progress=progress, inputs=provenance.input_files(adapters, rules_file))
-    return RewriteResult(Path(output), strategy, report, targets, stats)
+    stats = save_model(graph, model, output, progress=progress, inputs=provenance.input_files(adapters, rules_file),
+                       companions=genai.companions(Path(model), Path(output), data_files))  # computes merged weights
+    stores = {id(s): s for t in targets for s in t.site.storage.stores}.values()  # ... and records their losses
+    return RewriteResult(Path(output), strategy, report, targets, stats, summary([x for s in stores for x in s.losses]))
+
+
+def _rule_aliases(rule_sets: list) -> dict[str, str]:
+    """The ``aliases`` of the rules files (graph components -> PEFT's)."""
+    out: dict[str, str] = {}
+    for rules in rule_sets:
+        out.update(getattr(rules, "aliases", {}) or {})
+    return out

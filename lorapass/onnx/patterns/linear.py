@@ -68,15 +68,21 @@ def match(node: ir.Node) -> Match | None:
         out_features = tensor.const_value.shape[1 if layout == "in_out" else 0]
         bias, output = bias_after(node.outputs[0], out_features)
         return _match(node, weight, tensor, layout, bias, output)
-    if node.op_type == "Gemm" and (tensor := weight_constant(rhs)) is not None:
-        attrs = node.attributes
-        if attrs.get("transA") is not None and attrs["transA"].as_int() != 0:
-            return None
-        if attrs.get("alpha") is not None and attrs["alpha"].as_float() != 1.0:
-            return None
-        trans_b = attrs.get("transB") is not None and attrs["transB"].as_int() == 1
-        bias = node.inputs[2] if len(node.inputs) > 2 and node.inputs[2] is not None else None
-        if bias is not None and attrs.get("beta") is not None and attrs["beta"].as_float() != 1.0:
-            return None
-        return _match(node, rhs, tensor, "out_in" if trans_b else "in_out", bias, node.outputs[0])
+    if node.op_type == "Gemm" and (tensor := weight_constant(rhs)) is not None and (plain := gemm(node)) is not None:
+        layout, bias = plain
+        return _match(node, rhs, tensor, layout, bias, node.outputs[0])
     return None
+
+
+def gemm(node: ir.Node) -> tuple[str, ir.Value | None] | None:
+    """(layout of B, bias C) when the Gemm is a plain linear ``A @ op(B) + C`` (no transA, alpha = beta = 1)."""
+    attrs = node.attributes
+    if attrs.get("transA") is not None and attrs["transA"].as_int() != 0:
+        return None
+    if attrs.get("alpha") is not None and attrs["alpha"].as_float() != 1.0:
+        return None
+    trans_b = attrs.get("transB") is not None and attrs["transB"].as_int() == 1
+    bias = node.inputs[2] if len(node.inputs) > 2 and node.inputs[2] is not None else None
+    if bias is not None and attrs.get("beta") is not None and attrs["beta"].as_float() != 1.0:
+        return None
+    return ("out_in" if trans_b else "in_out"), bias

@@ -50,14 +50,24 @@ class Slot(ABC):
     def __init__(self, record: dict) -> None:
         self.record = record
 
+    @classmethod
+    def for_targets(cls, targets: list) -> Slot:
+        """The slot of the targets sharing one slot path (by default: one module, possibly at several nodes)."""
+        return cls.for_target(targets[0])
+
     @property
     def path(self) -> str:
         return self.record["path"]
 
     @property
     def module(self) -> str:
-        """The adapter module whose values this slot takes."""
+        """The adapter module whose values this slot takes (not ``path`` at a tied head)."""
         return self.record.get("module", self.path)
+
+    @property
+    def paths(self) -> list[str]:
+        """The adapter module paths whose weights this slot takes."""
+        return [self.module]
 
     @classmethod
     def wants(cls, target: Target) -> bool:
@@ -70,9 +80,18 @@ class Slot(ABC):
     def for_target(cls, target: Target) -> Slot:
         """The slot for a planned target (its record made from the site, rule and module)."""
 
+    @classmethod
+    def for_targets(cls, targets: list) -> Slot:
+        """The slot of the targets sharing one slot path (by default: one module, possibly at several nodes)."""
+        return cls.for_target(targets[0])
+
     def covers(self) -> set[str]:
         """The module parts this slot's inputs carry."""
         return set(self.parts)
+
+    def values_for(self, modules: dict[str, Kind], weights: Weights) -> dict[str, np.ndarray]:
+        """Input values for the adapter modules (by path) this slot takes; absent modules get neutral values."""
+        return self.values(modules.get(self.module), weights)
 
     @abstractmethod
     def inputs(self) -> list[SlotInput]:

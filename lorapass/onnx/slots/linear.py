@@ -94,7 +94,7 @@ class LinearSlot(Slot):
             summed = b.op("Add", [pre, delta], f"{self.path}/lora/Add")
             joint.replace(b, pre, b.op("Mul", [summed, inputs["dora_factor"]], f"{self.path}/lora/dora_Mul"))
         else:
-            joint.replace(b, joint.y, b.op("Add", [joint.y, delta], f"{self.path}/lora/Add"))
+            joint.add(b, delta, "lora")
 
 
 @register

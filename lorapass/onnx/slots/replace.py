@@ -76,7 +76,7 @@ class ReplaceSlot(Slot):
                 index, _, _ = view.store.operand(view.node)
                 view.node.replace_input_with(index, inputs["bias"])
             else:
-                joint.replace(b, joint.y, b.op("Add", [joint.y, inputs["bias"]], f"{self.path}/bias/Add"))
+                joint.add(b, inputs["bias"], "bias")
 
 
 @register
@@ -123,4 +123,4 @@ class TokensSlot(Slot):
             columns = b.op("OneHot", [indices, depth, on_off], f"{p}/tokens/OneHot", {"axis": -1})
             per_token = b.op("MatMul", [joint.x, delta], f"{p}/tokens/MatMul")
             change = b.op("MatMul", [per_token, columns], f"{p}/tokens/scatter_MatMul")
-        joint.replace(b, joint.y, b.op("Add", [joint.y, change], f"{p}/tokens/Add"))
+        joint.add(b, change, "tokens")
