@@ -54,9 +54,9 @@ def _slot_rule(args: argparse.Namespace):
     if not 1 <= args.rank <= MAX_RANK:
         raise RuleError(f"--rank {args.rank}: the slot rank must be 1..{MAX_RANK}")
     target = args.target[0] if len(args.target) == 1 and args.target[0].lower() == "all-linear" else args.target
-    return _validated(LoraRule, dict(name="slots", target_modules=target, r=args.rank, strategy="dynamic",
-                                     lora_alpha=args.rank if args.alpha is None else args.alpha, use_dora=args.dora),
-                      "--target/--rank/--alpha")
+    return _validated(LoraRule, dict(name="slots", target_modules=target, r=args.rank,
+                                     strategy="multi" if args.slots else "dynamic", use_dora=args.dora,
+                                     lora_alpha=args.rank if args.alpha is None else args.alpha), "--target/--rank/--alpha")
 
 
 def _cmd_rewrite(args: argparse.Namespace) -> int:
@@ -64,7 +64,8 @@ def _cmd_rewrite(args: argparse.Namespace) -> int:
 
     rules = _slot_rule(args)
     result = rewrite(args.model, args.output, adapter=args.adapter, rules=rules, strategy=args.strategy,
-                     prefix=args.prefix, allow_pickle=args.allow_pickle, force=args.force, aliases=aliases(args))
+                     prefix=args.prefix, allow_pickle=args.allow_pickle, force=args.force, aliases=aliases(args),
+                     slots=args.slots)
     summary = {
         "output": str(result.output),
         "strategy": result.strategy,
@@ -73,13 +74,16 @@ def _cmd_rewrite(args: argparse.Namespace) -> int:
         "prefix": result.report.prefix,
         "bytes_written": result.stats.bytes_written,
     }
+    text = f"{result.strategy}: {summary['targets']} of {summary['sites']} sites -> {result.output}"
     if result.requantization is not None:
         summary["requantization"] = result.requantization
         if result.requantization["warning"]:
             print(f"lorapass: warning: {result.requantization['warning']}", file=sys.stderr)
-    print(json.dumps(summary) if args.json else
-          f"{result.strategy}: {summary['targets']} of {summary['sites']} sites -> {result.output}"
-          + (f" ({result.requantization['delta_kept']:.1%} of the delta kept by requantization)" if result.requantization else ""))
+        text += f" ({result.requantization['delta_kept']:.1%} of the delta kept by requantization)"
+    if result.strategy == "multi":
+        summary["lora_ids"] = [None, *result.adapters]  # index = id; None: the base (0) or an empty slot
+        text += "; lora_ids 0=base " + " ".join(f"{k}={n or '(empty)'}" for k, n in enumerate(result.adapters, 1))
+    print(json.dumps(summary) if args.json else text)
     return 0
 
 
@@ -110,7 +114,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("rewrite", help="apply a LoRA adapter or rules to an ONNX model")
     p.add_argument("model", help="input .onnx (never modified)")
     p.add_argument("-o", "--output", required=True, help="output .onnx (external data beside it as <name>.data)")
-    p.add_argument("--strategy", choices=["merge", "dynamic"], help="default: the rules' own strategy")
+    p.add_argument("--strategy", choices=["merge", "dynamic", "multi"],
+                   help="default: the rules' own strategy; multi: every --adapter in one graph, chosen per batch row "
+                        "by the lora_ids input (0 = base, k = the k-th --adapter)")
     p.add_argument("--json", action="store_true", help="print a JSON summary")
     p.add_argument("--force", action="store_true",
                    help="rewrite even a graph with lorapass LoRA slots, or one lorapass already merged this adapter into")
@@ -122,6 +128,9 @@ def build_parser() -> argparse.ArgumentParser:
     slots.add_argument("--dora", action="store_true",
                        help="DoRA-ready slots: a per-output factor input (ones by default) for DoRA adapters; plain "
                             "LoRA adapters run on them too")
+    slots.add_argument("--slots", type=int, metavar="N",
+                       help="multi: banks of N adapter slots (empty ones after any --adapter; "
+                            "fill them with export-adapter)")
     p.set_defaults(func=_cmd_rewrite)
 
     p = sub.add_parser("inspect", help="list the sites of an ONNX model and what rules or an adapter target")
@@ -130,9 +139,12 @@ def build_parser() -> argparse.ArgumentParser:
     _add_selection(p)
     p.set_defaults(func=_cmd_inspect)
 
-    p = sub.add_parser("export-adapter", help="write a PEFT adapter as an ONNX Runtime adapter for a dynamic graph")
-    p.add_argument("adapter", help="PEFT adapter directory")
-    p.add_argument("--model", required=True, help="the dynamic graph written by `lorapass rewrite --strategy dynamic`")
+    p = sub.add_parser("export-adapter", help="write a PEFT adapter as an ONNX Runtime adapter for a dynamic graph, "
+                                              "or several as a bank file for a multi graph")
+    p.add_argument("adapter", nargs="+",
+                   help="PEFT adapter directory (several for a multi graph: ids 1, 2, ... in order)")
+    p.add_argument("--model", required=True,
+                   help="the graph written by `lorapass rewrite --strategy dynamic` or `multi`")
     p.add_argument("-o", "--output", required=True, help="output .onnx_adapter")
     add_alias_option(p)
     p.set_defaults(func=_cmd_export_adapter)

@@ -140,7 +140,7 @@ class LoraRule(BaseModel):
     use_rslora: bool = False
     fan_in_fan_out: bool = False
     use_dora: bool = False  # DoRA: a per-output factor input on every dynamic slot (plain LoRA files run with it = 1)
-    strategy: Literal["merge", "dynamic"] = "merge"
+    strategy: Literal["merge", "dynamic", "multi"] = "merge"
     fuse_shared_inputs: bool = False  # one A product for sites reading one activation (dynamic); slower on ORT CPU
 
     @field_validator("target_modules", "exclude_modules")

@@ -27,6 +27,9 @@ class Kind(ABC):
     site_kinds: ClassVar[tuple[str, ...]] = ("linear",)  # the site kinds it applies to
     targeted: ClassVar[bool] = True  # chosen by the rules' target_modules (False: applied by name, as PEFT does)
     dora: ClassVar[bool] = False  # whether the merged weight is rescaled per output feature (DoRA)
+    additive: ClassVar[bool] = False
+    """Whether the module's whole effect is ``W + low_rank()`` at a linear site (strategies that only add a low-rank
+    branch, such as multi's banks, refuse the others: DoRA, LoRA biases, embeddings, replacements)."""
 
     def __init__(self, path: str, source: Path, r: int, alpha: float, scale: float,
                  replaced: dict[str, TensorRef] | None = None, saved_base: TensorRef | None = None) -> None:

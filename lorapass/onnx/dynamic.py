@@ -37,6 +37,11 @@ def slots_for(targets: list[Target]) -> list[Slot]:
     return [cls.for_targets(targets) for cls in SLOT_TYPES[targets[0].site.kind] if any(cls.wants(t) for t in targets)]
 
 
+def slot_for(targets: list[Target]) -> Slot:
+    """The low-rank slot of the targets sharing one slot path (its site kind's first slot type)."""
+    return SLOT_TYPES[targets[0].site.kind][0].for_targets(targets)
+
+
 class _Weights:
     """The base weights of the graph being rewritten (slot defaults that depend on them), read before any edit."""
 
@@ -51,7 +56,7 @@ class _Weights:
         return read(self.graph.initializers[name].const_value).astype(np.float32)
 
 
-class _Graph:
+class SlotGraph:
     """The graph being rewritten: its values by scope, the slots made so far and their input values."""
 
     def __init__(self, model: ir.Model, targets: list[Target]) -> None:
@@ -89,19 +94,33 @@ class _Graph:
         """A slot of a slot path and its graph inputs (role -> value), made once per path and type."""
         key = (targets[0].site.slot_path, slot.type)
         if key not in self.slots:
-            activation = ir.DataType[targets[0].site.dtype.upper()]
-            defaults = slot.values_for({t.module.path: t.module for t in targets if t.module is not None}, self.weights)
-            inputs = {}
-            for spec in slot.inputs():
-                dtype = ir.DataType[spec.dtype.upper()] if spec.dtype else activation
-                tensor = ir.Tensor(defaults[spec.name].astype(dtype.numpy()), name=spec.name)
-                value = ir.Value(name=spec.name, shape=ir.Shape(list(spec.dims)), type=ir.TensorType(dtype),
-                                 const_value=tensor)
-                self.graph.inputs.append(value)
-                self.graph.register_initializer(value)
-                inputs[spec.role] = value
-            self.slots[key] = (slot, inputs)
+            self.add(slot, slot.values_for({t.module.path: t.module for t in targets if t.module is not None},
+                                           self.weights), targets[0].site.dtype)
         return self.slots[key]
+
+    def add(self, slot: Slot, defaults: dict, dtype: str) -> dict[str, ir.Value]:
+        """Make ``slot``'s graph inputs, initialised to ``defaults`` in the site's ``dtype`` (or the input's own);
+        role -> value."""
+        activation = ir.DataType[dtype.upper()]
+        inputs = {}
+        for spec in slot.inputs():
+            element = ir.DataType[spec.dtype.upper()] if spec.dtype else activation
+            tensor = ir.Tensor(defaults[spec.name].astype(element.numpy()), name=spec.name)
+            value = ir.Value(name=spec.name, shape=ir.Shape(list(spec.dims)), type=ir.TensorType(element),
+                             const_value=tensor)
+            self.graph.inputs.append(value)
+            self.graph.register_initializer(value)
+            inputs[spec.role] = value
+        self.slots[(slot.path, slot.type)] = (slot, inputs)
+        return inputs
+
+    def records(self) -> None:
+        """Write every slot's record into the model's ``lorapass.lora`` metadata."""
+        self.model.metadata_props[METADATA_KEY] = json.dumps([slot.record for slot, _ in self.slots.values()])
+
+    def join(self, b: Branch, site: Site, delta: ir.Value) -> None:
+        """``y + delta`` in place of the site's output (each node's rows of a module split over several nodes)."""
+        Joint(self, site).add(b, delta, "lora")
 
     def insert(self, b: Branch, site: Site) -> None:
         """Place the branch's nodes right after the node producing the site's output (in that node's graph)."""
@@ -113,7 +132,7 @@ class Joint:
     """Where a site's slots meet the graph: the activation ``x``, the current output ``y`` (after earlier slots),
     the value before the bias, and rerouting of readers to a slot's new value."""
 
-    def __init__(self, g: _Graph, site: Site, x: ir.Value) -> None:
+    def __init__(self, g: SlotGraph, site: Site, x: ir.Value | None = None) -> None:
         self.g, self.site, self.x = g, site, x
         self.y = g.base(site, site.output)
 
@@ -168,7 +187,7 @@ def _subgraphs(node: ir.Node) -> list[ir.Graph]:
     return out
 
 
-def _refuse_existing(targets: list[Target]) -> None:
+def refuse_existing(targets: list[Target]) -> None:
     again = [t.site for t in targets if t.site.lora]
     if again:
         names = ", ".join(f"{s.path} ({s.lora})" for s in again[:4]) + (f" and {len(again) - 4} more" if len(again) > 4 else "")
@@ -179,8 +198,8 @@ def _refuse_existing(targets: list[Target]) -> None:
 
 def insert_lora(model: ir.Model, targets: list[Target]) -> int:
     """Insert the slots' branches for every target (one per node); returns how many targets got them."""
-    _refuse_existing(targets)
-    g = _Graph(model, targets)
+    refuse_existing(targets)
+    g = SlotGraph(model, targets)
     groups: dict[tuple[str, str, int], list[Target]] = defaultdict(list)
     for target in targets:
         scope = id(target.site.storage.node.graph) if target.site.storage is not None else 0
@@ -203,11 +222,11 @@ def insert_lora(model: ir.Model, targets: list[Target]) -> int:
                     slot.build(b, joint, inputs)
                 g.insert(b, site)
     g.graph.sort()  # joins may now feed nodes placed before them
-    model.metadata_props[METADATA_KEY] = json.dumps([slot.record for slot, _ in g.slots.values()])
+    g.records()
     return len(targets)
 
 
-def _fused(g: _Graph, x: ir.Value, group: list[Target]) -> None:
+def _fused(g: SlotGraph, x: ir.Value, group: list[Target]) -> None:
     """One A matmul for all linear sites reading ``x``: Concat the A inputs, MatMul once, Split by each rank."""
     slots: dict[str, tuple[Slot, dict]] = {}
     others: dict[str, list[tuple[Slot, dict]]] = {}

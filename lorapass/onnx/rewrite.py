@@ -14,12 +14,13 @@ from lorapass.onnx import genai
 from lorapass.onnx.load import load_model
 from lorapass.onnx.loss import summary
 from lorapass.onnx.merge import merge
+from lorapass.onnx.multi import bank_names, insert_banks
 from lorapass.onnx.save import SaveStats, save_model
 from lorapass.onnx.sites import SiteReport, find_sites
 from lorapass.plan import Target, plan
 from lorapass.rules import LoraRule, RuleSet
 
-Strategy = Literal["merge", "dynamic"]
+Strategy = Literal["merge", "dynamic", "multi"]
 
 
 @dataclass
@@ -32,6 +33,7 @@ class RewriteResult:
     targets: list[Target]
     stats: SaveStats = field(default_factory=SaveStats)
     requantization: dict | None = None  # merge into lossy (quantized) weights: how much delta survived (onnx/loss.py)
+    adapters: list[str | None] = field(default_factory=list)  # multi: the adapter of each id from 1 (None: empty)
 
 
 def as_adapters(adapter, allow_pickle: bool = False) -> list[Adapter]:
@@ -80,15 +82,17 @@ def strategy_of(rules: LoraRule | RuleSet, strategy: Strategy | None) -> Strateg
 def rewrite(model: str | os.PathLike, output: str | os.PathLike, adapter=None,
             rules: str | os.PathLike | LoraRule | RuleSet | None = None, strategy: Strategy | None = None,
             prefix: str | None = None, allow_pickle: bool = False, progress: bool | None = None,
-            force: bool = False, aliases: dict[str, str] | None = None) -> RewriteResult:
+            force: bool = False, aliases: dict[str, str] | None = None, slots: int | None = None) -> RewriteResult:
     """Apply LoRA to the ONNX file ``model`` and write ``output``; the input is never modified.
 
     ``adapter`` is one adapter or a list (an Adapter, a path, or ``PATH:WEIGHT``); several adapters merge as the
-    sum of their weighted deltas. ``rules`` select the targets (default: each adapter's own config). The output
-    records what was applied (:mod:`lorapass.provenance`); applying LoRA to a graph that already has lorapass
-    slots, or merging the same adapter twice, is refused unless ``force``. ``aliases`` map graph path components
-    to PEFT's (on top of the exporter's dialect and the rules' own). An onnxruntime-genai folder's other files
-    (genai_config.json, tokenizer) are written beside the output, in the same all-or-nothing commit.
+    sum of their weighted deltas, or with strategy ``multi`` become ids 1, 2, ... of the ``lora_ids`` input.
+    ``rules`` select the targets (default: each adapter's own config). ``slots`` (multi): the bank size in
+    adapters, empty slots after the given adapters (all empty without adapters). The output records what was
+    applied (:mod:`lorapass.provenance`); applying LoRA to a graph that already has lorapass slots, or merging
+    the same adapter twice, is refused unless ``force``. ``aliases`` map graph path components to PEFT's (on top
+    of the exporter's dialect and the rules' own). An onnxruntime-genai folder's other files (genai_config.json,
+    tokenizer) are written beside the output, in the same all-or-nothing commit.
     """
     rules_file = rules if isinstance(rules, (str, os.PathLike)) else None
     adapters = as_adapters(adapter, allow_pickle)
@@ -98,15 +102,21 @@ def rewrite(model: str | os.PathLike, output: str | os.PathLike, adapter=None,
         raise RuleError("strategy merge needs an adapter's weights (--adapter)")
     if strategy == "dynamic" and len(adapters) > 1:
         raise UnsupportedError("strategy dynamic takes one adapter (export the others with export-adapter and swap them)")
+    if slots is not None and strategy != "multi":
+        raise RuleError("slots are for strategy multi")
+    names = bank_names(adapters, slots) if strategy == "multi" else []
     graph = load_model(model)
     data_files = genai.external_files(graph)
     aliases = {**_rule_aliases(rule_sets), **dict(aliases or {})}
     report = find_sites(graph, prefix=prefix, wanted={m: k for a in adapters for m, k in a.modules.items()},
                         aliases=aliases)
-    targets = [t for a, r in zip(adapters or [None], rule_sets) for t in plan(report.sites, r, report.output_heads, a)]
+    chosen = [plan(report.sites, r, report.output_heads, a) for a, r in zip(adapters or [None], rule_sets)]
+    targets = [t for ts in chosen for t in ts]
     provenance.stamp(graph, model, adapters, strategy, targets, force, rules_file)
     if strategy == "merge":
         merge(graph, targets)
+    elif strategy == "multi":
+        insert_banks(graph, chosen if adapters else chosen * len(names), names)  # no adapters: all slots empty
     else:
         from lorapass.onnx.dynamic import insert_lora
 
@@ -114,7 +124,8 @@ def rewrite(model: str | os.PathLike, output: str | os.PathLike, adapter=None,
     stats = save_model(graph, model, output, progress=progress, inputs=provenance.input_files(adapters, rules_file),
                        companions=genai.companions(Path(model), Path(output), data_files))  # computes merged weights
     stores = {id(s): s for t in targets for s in t.site.storage.stores}.values()  # ... and records their losses
-    return RewriteResult(Path(output), strategy, report, targets, stats, summary([x for s in stores for x in s.losses]))
+    return RewriteResult(Path(output), strategy, report, targets, stats,
+                         summary([x for s in stores for x in s.losses]), names)
 
 
 def _rule_aliases(rule_sets: list) -> dict[str, str]:

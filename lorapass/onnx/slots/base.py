@@ -45,7 +45,9 @@ class Slot(ABC):
     """One site's (or one packed node's) branch in a dynamic graph."""
 
     type: ClassVar[str]
-    parts: ClassVar[frozenset[str]]  # the parts of an adapter module it carries (see Kind.parts)
+    parts: ClassVar[frozenset[str]] = frozenset()  # the parts of an adapter module it carries (see Kind.parts)
+    banked: ClassVar[bool] = False
+    """Whether the slot holds several adapters at once (``values`` then takes one module per adapter)."""
 
     def __init__(self, record: dict) -> None:
         self.record = record
@@ -76,9 +78,9 @@ class Slot(ABC):
         return bool(cls.parts & parts)
 
     @classmethod
-    @abstractmethod
     def for_target(cls, target: Target) -> Slot:
         """The slot for a planned target (its record made from the site, rule and module)."""
+        raise NotImplementedError(f"{cls.type} slots are not made per target")
 
     @classmethod
     def for_targets(cls, targets: list) -> Slot:
@@ -89,7 +91,7 @@ class Slot(ABC):
         """The module parts this slot's inputs carry."""
         return set(self.parts)
 
-    def values_for(self, modules: dict[str, Kind], weights: Weights) -> dict[str, np.ndarray]:
+    def values_for(self, modules: dict[str, Kind], weights: Weights | None = None) -> dict[str, np.ndarray]:
         """Input values for the adapter modules (by path) this slot takes; absent modules get neutral values."""
         return self.values(modules.get(self.module), weights)
 
@@ -98,14 +100,15 @@ class Slot(ABC):
         """The slot's graph inputs."""
 
     @abstractmethod
-    def values(self, module: Kind | None, weights: Weights) -> dict[str, np.ndarray]:
+    def values(self, module: Kind | None, weights: Weights | None = None) -> dict[str, np.ndarray]:
         """Input name -> value for an adapter module (neutral values for None or a module without this slot's
-        parts: the graph then computes the base there)."""
+        parts: the graph then computes the base there); ``weights`` gives the base weights values may depend
+        on (DoRA's factor, token rows). A slot holding several adapters (a bank) takes them through ``stacked``."""
 
-    @abstractmethod
     def build(self, b: Branch, joint, inputs: dict) -> None:
         """Add the branch's nodes at the site: ``joint`` gives the site's values and reroutes readers
         (:class:`lorapass.onnx.dynamic.Joint`); ``inputs`` are the slot's graph inputs by role."""
+        raise NotImplementedError(f"{self.type} slots build their branch elsewhere")
 
     def checked(self, module: Kind, out: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """``out`` after checking each array against its input's fixed dims (ShapeMismatchError naming both)."""

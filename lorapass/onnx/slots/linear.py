@@ -52,7 +52,7 @@ class LinearSlot(Slot):
         up, down = module.low_rank()
         return np.ascontiguousarray(down.T), np.ascontiguousarray(up.T)
 
-    def values(self, module: Kind | None, weights: Weights) -> dict[str, np.ndarray]:
+    def values(self, module: Kind | None, weights: Weights | None = None) -> dict[str, np.ndarray]:
         rec = self.record
         low_rank = module is not None and "low_rank" in module.own_parts()
         if low_rank:

@@ -48,10 +48,10 @@ class PackedSlot(LinearSlot):
     def paths(self) -> list[str]:
         return [part["path"] for part in self.record["parts"]]
 
-    def values(self, module: Kind | None, weights: Weights) -> dict[str, np.ndarray]:
+    def values(self, module: Kind | None, weights: Weights | None = None) -> dict[str, np.ndarray]:
         return self.values_for({} if module is None else {module.path: module}, weights)
 
-    def values_for(self, modules: dict[str, Kind], weights: Weights) -> dict[str, np.ndarray]:
+    def values_for(self, modules: dict[str, Kind], weights: Weights | None = None) -> dict[str, np.ndarray]:
         rec = self.record
         for module in modules.values():
             self._check_fits(module)

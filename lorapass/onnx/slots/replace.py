@@ -48,7 +48,7 @@ class ReplaceSlot(Slot):
         out = [SlotInput(rec["weight"], tuple(rec["dims"]), "weight")] if "weight" in rec else []
         return out + ([SlotInput(rec["bias"], (rec["out"],), "bias")] if "bias" in rec else [])
 
-    def values(self, module: Kind | None, weights: Weights) -> dict[str, np.ndarray]:
+    def values(self, module: Kind | None, weights: Weights | None = None) -> dict[str, np.ndarray]:
         rec, out = self.record, {}
         if "weight" in rec:
             full = module.full("weight") if module is not None else None
@@ -97,7 +97,7 @@ class TokensSlot(Slot):
         dims = (k, rec["dim"]) if rec["site"] == "embedding" else (rec["dim"], k)
         return [SlotInput(rec["token_indices"], (k,), "token_indices", "int64"), SlotInput(rec["token_delta"], dims, "token_delta")]
 
-    def values(self, module: Kind | None, weights: Weights) -> dict[str, np.ndarray]:
+    def values(self, module: Kind | None, weights: Weights | None = None) -> dict[str, np.ndarray]:
         rec = self.record
         if module is None or "tokens" not in module.own_parts():
             indices, delta = np.array([rec["vocab"]], np.int64), np.zeros((1, rec["dim"]), np.float32)
