@@ -237,3 +237,14 @@ def test_analyser_costs_dora_factor_and_merge_norm():
     for m_plain, m_dora in zip(merges[False], merges[True]):
         assert m_dora.flops - m_plain.flops == 3 * 128 * 64 and m_dora.weight_bytes == m_plain.weight_bytes
     assert adapter_bytes(g, select(g, dora)) - adapter_bytes(g, select(g, plain)) == 2 * 64 * e
+
+
+def test_multi_refuses_kinds_its_banks_cannot_carry(model, tmp_path, capsys):
+    """Mixed-adapter banks hold additive A/B pairs only; DoRA (as in PEFT's mixed batches) and LoRA biases are
+    refused by key."""
+    torch_model, base = model("llama")
+    for name, extra in (("dora", {"use_dora": True}), ("bias", {"lora_bias": True})):
+        make_variant(torch_model, tmp_path / name, seed=4, r=4, lora_alpha=8, target_modules=["q_proj"], **extra)
+        out = tmp_path / f"{name}.onnx"
+        assert main(["rewrite", str(base), "--strategy", "multi", "--adapter", str(tmp_path / name), "-o", str(out)]) == 2
+        assert "not an additive low-rank delta" in capsys.readouterr().err and not out.exists()

@@ -59,7 +59,7 @@ class _Weights:
 class SlotGraph:
     """The graph being rewritten: its values by scope, the slots made so far and their input values."""
 
-    def __init__(self, model: ir.Model, targets: list[Target]) -> None:
+    def __init__(self, model: ir.Model, targets: list[Target] = ()) -> None:
         self.model, self.graph = model, model.graph
         self.scopes: dict[ir.Graph, dict[str, ir.Value]] = {}
         self.parents: dict[ir.Graph, ir.Graph | None] = {self.graph: None}
