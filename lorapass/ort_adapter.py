@@ -14,11 +14,14 @@ import onnx_ir as ir
 from lorapass.adapter import Adapter, load_adapter
 from lorapass.atomic import Transaction
 from lorapass.errors import AdapterError, ModelError
+from lorapass.onnx.fold import read
 from lorapass.onnx.load import load_model
+from lorapass.onnx.sites import find_sites
 from lorapass.onnx.slots import METADATA_KEY, Slot, from_record
 from lorapass.provenance import input_files
+from lorapass.site import Site
 
-_DTYPES = {ir.DataType.FLOAT: np.float32, ir.DataType.FLOAT16: np.float16}
+_DTYPES = {ir.DataType.FLOAT: np.float32, ir.DataType.FLOAT16: np.float16, ir.DataType.INT64: np.int64}
 
 
 def slots_of(model: str | os.PathLike, graph: ir.Model | None = None) -> tuple[list[Slot], dict[str, np.dtype]]:
@@ -46,19 +49,49 @@ def slots_of(model: str | os.PathLike, graph: ir.Model | None = None) -> tuple[l
     return slots, dtypes
 
 
+class _ModelWeights:
+    """The base weights of a dynamic model, read on demand (its sites found as a rewrite finds them)."""
+
+    def __init__(self, model: str | os.PathLike, graph: ir.Model, paths: list[str]) -> None:
+        self.model, self.graph, self.paths = Path(model), graph, paths
+        self._sites: dict[str, Site] | None = None
+
+    def site_at(self, path: str) -> Site | None:
+        if self._sites is None:
+            self._sites = {}
+            for site in find_sites(self.graph, wanted=self.paths).sites:
+                self._sites.setdefault(site.path, site)
+        return self._sites.get(path)
+
+    def site(self, path: str) -> np.ndarray:
+        site = self.site_at(path)
+        if site is None:
+            raise ModelError(f"{self.model}: no site {path!r} whose base weight the adapter's values depend on")
+        return site.storage.read()
+
+    def tensor(self, name: str) -> np.ndarray:
+        value = self.graph.graph.initializers.get(name)
+        if value is None:
+            raise ModelError(f"{self.model}: the initializer {name!r} a slot record names is missing")
+        return read(value.const_value).astype(np.float32)
+
+
 def adapter_parameters(adapter: Adapter | Sequence[Adapter], model: str | os.PathLike, graph: ir.Model | None = None,
                        aliases: dict[str, str] | None = None) -> dict[str, np.ndarray]:
     """The adapter's values for the dynamic graph's slot inputs (each slot says how, and checks the shapes).
 
     Uses the graph's own ``lorapass.lora`` records for which module paths have slots and each adapter module's
     own rank and scale (for PEFT: rank_pattern / alpha_pattern / rslora as PEFT resolves them). ``aliases``
-    (graph components -> the adapter's) rename the slots' paths to the adapter's module names. A multi graph
+    (graph components -> the adapter's) rename the slots' paths to the adapter's module names. Values that
+    depend on base weights (DoRA's factor, token rows) read them from the graph. Slots whose defaults hold the
+    adapter the graph was built with get neutral values when this adapter has nothing for them. A multi graph
     takes several adapters (ids 1, 2, ... in order): every bank is written, stacked for them.
     """
     from lorapass.onnx.dialects import Dialect
 
     adapters = [adapter] if isinstance(adapter, Adapter) else list(adapter)
     rename = Dialect("alias", aliases=aliases or {}).module_path
+    graph = graph if graph is not None else load_model(model)
     slots, dtypes = slots_of(model, graph)
     banked = any(slot.banked for slot in slots)
     if not adapters or (len(adapters) > 1 and not banked):
@@ -74,18 +107,35 @@ def adapter_parameters(adapter: Adapter | Sequence[Adapter], model: str | os.Pat
                 f"{a.source}: {len(unknown)} adapter module(s) have no LoRA input in {model}: "
                 + ", ".join(f"{m!r} (expects inputs {m}.lora_A{suffix}/.lora_B{suffix})" for m in unknown[:5])
                 + f"; the graph's LoRA inputs are e.g. {names[:4]}")
-    params: dict[str, np.ndarray] = {}
+    weights = _ModelWeights(model, graph, sorted({path for slot in slots for path in slot.paths}))
+    for a in adapters:
+        _check_covered(a, slots, rename, weights, model)
+    values: dict[str, np.ndarray] = {}
     for slot in slots:
         chosen = [{path: a.modules[rename(path)] for path in slot.paths if rename(path) in a.modules} for a in adapters]
         if slot.banked:
-            values = slot.stacked(chosen)
-        elif chosen[0]:
-            values = slot.values_for(chosen[0])
-        else:
-            continue
-        for name, array in values.items():
-            params[name] = np.ascontiguousarray(array, dtype=dtypes.get(name, np.float32))
-    return params
+            values |= slot.stacked(chosen)
+        elif chosen[0] or slot.record.get("default") == "adapter":  # else the graph's neutral defaults stay
+            values |= slot.values_for(chosen[0], weights)
+    return {name: np.ascontiguousarray(array, dtype=dtypes.get(name, np.float32)) for name, array in values.items()}
+
+
+def _check_covered(adapter: Adapter, slots: list[Slot], rename, weights: _ModelWeights, model) -> None:
+    """Every part of every adapter module (low-rank branch, DoRA factor, replaced weight or bias, token rows) must
+    have a slot input in the graph (AdapterError naming the key, what it changes and the slots there)."""
+    covered: dict[str, tuple[str, set[str], list[str]]] = {}  # module -> (graph path, parts carried, slot types)
+    for slot in slots:
+        for path in slot.paths:
+            entry = covered.setdefault(rename(path), (path, set(), []))
+            entry[1].update(slot.covers())
+            entry[2].append(slot.type)
+    for module, kind in adapter.modules.items():
+        path, parts, types = covered[module]
+        missing = kind.parts(weights.site_at(path) if kind.saved_base is not None else None) - parts
+        if missing:
+            raise AdapterError(
+                f"{adapter.source}: {kind.key()} ({kind.name}) changes {sorted(missing)} of {module!r}, which the "
+                f"graph's slots there ({', '.join(types)}) do not carry; rewrite {model} with this adapter")
 
 
 def export_adapter(adapter_dir: str | os.PathLike | Adapter | Sequence, model: str | os.PathLike,

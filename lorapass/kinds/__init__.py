@@ -4,6 +4,7 @@ Every file format reads into these; strategies only call a kind's verbs (:class:
 """
 
 from lorapass.kinds.base import Kind
-from lorapass.kinds.lora import Lora
+from lorapass.kinds.lora import Dora, EmbeddingDora, EmbeddingLora, Lora
+from lorapass.kinds.replace import Replace, TrainableTokens
 
-__all__ = ["Kind", "Lora"]
+__all__ = ["Dora", "EmbeddingDora", "EmbeddingLora", "Kind", "Lora", "Replace", "TrainableTokens"]
