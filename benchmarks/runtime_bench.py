@@ -1,7 +1,8 @@
-"""ONNX Runtime latency: base vs merged vs dynamic LoRA (with and without shared-input fusion) vs PEFT eager.
+"""ONNX Runtime latency: base vs merged vs dynamic LoRA (with and without shared-input fusion, and DoRA) vs PEFT eager.
 
 A Llama-shaped model (~100M parameters, fp32, random weights) exported with torch's dynamo exporter and a
-rank-16 all-linear PEFT adapter. Two phases: decode-like (batch 1, one token: the export has no KV cache,
+rank-16 all-linear PEFT adapter, and a DoRA one (its dynamic graph against plain LoRA's, both unfused: the
+per-output factor costs one Mul per site). Two phases: decode-like (batch 1, one token: the export has no KV cache,
 so this is one token with no past context) and prefill (batch 1, 512 tokens). JSON with medians and
 ratios goes to stdout.
 
@@ -20,6 +21,9 @@ lorapass's writer (see :func:`kv_decode_variants`). ``min_over_base`` (fastest s
 beside the medians: on a shared machine it is the least disturbed estimate.
 :func:`kv_decode_variants` builds the graphs, :func:`kv_decode_bench` times any dict of them (more variants,
 such as int4 builds or DoRA adapters, go into that dict).
+
+``kv_decode_dora``: the same decode step with a DoRA adapter (trained magnitudes) beside plain LoRA: baked-in
+dynamic graphs and LoRA-ready slots (``--dora`` slots for DoRA) with the adapter file active.
 
 ``kv_decode_int4``: the same decode step on the builder's int4 build (MatMulNBits, its CPU default accuracy level
 4): int4 base vs int4 + dynamic r=16 all-linear (and slots with the adapter active), timed in one round-robin with
@@ -58,8 +62,9 @@ FULL = dict(vocab_size=32000, hidden_size=768, intermediate_size=2048, num_hidde
 QUICK = dict(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
              num_key_value_heads=2)
 TARGETS = {"merged_over_base": "1 ± 0.03", "dynamic_over_base_decode": 1.10, "dynamic_over_base_prefill": 1.05,
-           "peft_eager_over_ort_dynamic": 2.0}
-ORT_VARIANTS = ("base", "merged", "dynamic", "dynamic_unfused")
+           "peft_eager_over_ort_dynamic": 2.0, "dora_over_lora_dynamic_decode": 1.03}
+ORT_VARIANTS = ("base", "merged", "dynamic", "dynamic_unfused", "dynamic_dora")
+DYNAMIC = ("dynamic", "dynamic_unfused", "dynamic_dora")
 KV_FULL = dict(vocab_size=32000, hidden_size=768, intermediate_size=2048, num_hidden_layers=8, num_attention_heads=12,
                num_key_value_heads=4, max_position_embeddings=1024)
 KV_QUICK = dict(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
@@ -267,6 +272,55 @@ def kv_decode_int4_case(quick: bool, rounds: int | None, blocks: int | None) -> 
             "targets_met": {"int4_dynamic_over_int4_base": int4_over <= INT4_TARGETS["int4_dynamic_over_int4_base"]}}
 
 
+def kv_decode_dora_case(quick: bool, rounds: int | None, blocks: int | None, r: int = 16) -> dict:
+    """The KV-cache decode step with a DoRA adapter (all-linear, rank ``r``, trained magnitudes) beside plain LoRA on
+    the same builder graph: baked-in dynamic graphs, and LoRA-ready slots (``--dora`` ones for DoRA) with the
+    adapter file active, and the DoRA adapter merged (the reference of ``max_rel_diff_vs_merged``: both DoRA graphs
+    compute it; the plain LoRA ones do not). DoRA's cost is one Mul per site (the packed q/k/v slot's factor covers
+    its rows)."""
+    import transformers as tf
+    from peft import LoraConfig, get_peft_model
+
+    from lorapass.onnx.rewrite import rewrite
+    from lorapass.ort_adapter import export_adapter
+    from lorapass.rules import LoraRule
+
+    shape = KV_QUICK if quick else KV_FULL
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp)
+        t = time.perf_counter()
+        lora = kv_decode_variants(folder, shape, r=r)
+        built = folder / "built" / "model.onnx"
+        model = tf.LlamaForCausalLM.from_pretrained(str(folder / "hf")).eval()
+        dora_model = get_peft_model(model, LoraConfig(r=r, lora_alpha=2 * r, target_modules="all-linear",
+                                                      init_lora_weights=False, use_dora=True))
+        with torch.no_grad():  # trained magnitudes: the factor differs from 1
+            for name, p in dora_model.named_parameters():
+                if "lora_magnitude_vector" in name:
+                    p.mul_(1 + 0.1 * torch.randn(p.shape, generator=torch.Generator().manual_seed(2)))
+        dora_model.save_pretrained(str(folder / "dora"))
+        dora = {strategy: rewrite(built, folder / f"{strategy}_dora" / "model.onnx", adapter=folder / "dora",
+                                  strategy=strategy, progress=False).output for strategy in ("merge", "dynamic")}
+        slots = rewrite(built, folder / "dora_slots" / "model.onnx", progress=False, rules=LoraRule(
+            name="slots", target_modules="all-linear", r=r, strategy="dynamic", use_dora=True)).output
+        adapter = export_adapter(folder / "dora", slots, folder / "dora.onnx_adapter")
+        build_s = time.perf_counter() - t
+        variants = {name: lora[name] for name in ("base", "dynamic", "slots_with_adapter")}
+        variants |= {"merged": (dora["merge"], None), "dynamic_dora": (dora["dynamic"], None),
+                     "dora_slots_with_adapter": (slots, adapter)}  # "merged": DoRA merged, the logits' reference
+        result = kv_decode_bench(variants, past=32 if quick else 512, rounds=rounds or (3 if quick else 40),
+                                 blocks=blocks or (2 if quick else 6))
+    med, low = result["median_ms"], result["min_over_base"]
+    ratio = med["dynamic_dora"] / med["dynamic"]
+    return {"model": {**shape, "dtype": "float32", "exporter": "onnxruntime-genai builder", "build_s": round(build_s, 1)},
+            "adapter": {"r": r, "alpha": 2 * r, "target_modules": "all-linear", "use_dora": True},
+            "targets": {"dora_over_lora_dynamic": 1.03}, **result,
+            "dora_over_lora_dynamic": round(ratio, 3),
+            "dora_over_lora_slots_with_adapter": round(med["dora_slots_with_adapter"] / med["slots_with_adapter"], 3),
+            "min_dora_over_lora_dynamic": round(low["dynamic_dora"] / low["dynamic"], 3),
+            "targets_met": {"dora_over_lora_dynamic": ratio <= 1.03}}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--quick", action="store_true", help="tiny model, few repeats: a smoke run")
@@ -282,7 +336,8 @@ def main() -> None:
     parser.add_argument("--no-int4", dest="int4", action="store_false", help="skip the int4 KV-cache decode case")
     args = parser.parse_args()
     if args.kv_only:
-        report = {"kv_decode": kv_decode_case(args.quick, args.kv_repeat, args.blocks)}
+        report = {"kv_decode": kv_decode_case(args.quick, args.kv_repeat, args.blocks),
+                  "kv_decode_dora": kv_decode_dora_case(args.quick, args.kv_repeat, args.blocks)}
         if args.int4:
             report["kv_decode_int4"] = kv_decode_int4_case(args.quick, args.kv_repeat, args.blocks)
         print(json.dumps(report, indent=2))
@@ -307,6 +362,7 @@ def main() -> None:
     times = {phase: {name: [] for name in (*ORT_VARIANTS, "peft_eager", "torch_eager_base")} for phase in phases}
     block_ratios: dict[str, dict[str, list[float]]] = {phase: {name: [] for name in times[phase]} for phase in phases}
     errors: dict[str, dict[str, float]] = {phase: {} for phase in phases}
+    dora_ratios: dict[str, list[float]] = {phase: [] for phase in phases}  # DoRA dynamic / LoRA dynamic, per block
     profiles: dict[str, dict] = {}
     started = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
@@ -317,17 +373,26 @@ def main() -> None:
         peft_model = get_peft_model(copy.deepcopy(model), LoraConfig(r=16, lora_alpha=32, target_modules="all-linear",
                                                                      init_lora_weights=False)).eval()
         peft_model.save_pretrained(str(tmp / "adapter"))
-        rule = LoraRule.from_peft_config(tmp / "adapter")
+        dora_model = get_peft_model(copy.deepcopy(model), LoraConfig(r=16, lora_alpha=32, target_modules="all-linear",
+                                                                     init_lora_weights=False, use_dora=True)).eval()
+        with torch.no_grad():  # trained magnitudes: the factor differs from 1
+            for name, p in dora_model.named_parameters():
+                if "lora_magnitude_vector" in name:
+                    p.mul_(1 + 0.1 * torch.randn(p.shape, generator=torch.Generator().manual_seed(2)))
+        dora_model.save_pretrained(str(tmp / "dora"))
         paths = {"base": base}
-        for name, strategy, fuse in (("merged", "merge", True), ("dynamic", "dynamic", True),
-                                     ("dynamic_unfused", "dynamic", False)):
+        for name, strategy, fuse, adapter in (("merged", "merge", True, "adapter"), ("dynamic", "dynamic", True, "adapter"),
+                                              ("dynamic_unfused", "dynamic", False, "adapter"),
+                                              ("dynamic_dora", "dynamic", False, "dora")):
             paths[name] = tmp / f"{name}.onnx"
-            rewrite(base, paths[name], adapter=tmp / "adapter", strategy=strategy, progress=False,
-                    rules=rule.model_copy(update={"fuse_shared_inputs": fuse, "strategy": strategy}))
+            rules = LoraRule.from_peft_config(tmp / adapter)
+            rewrite(base, paths[name], adapter=tmp / adapter, strategy=strategy, progress=False,
+                    rules=rules.model_copy(update={"fuse_shared_inputs": fuse, "strategy": strategy}))
         wrapper = Wrapper(peft_model).eval()
         plain = Wrapper(model).eval()  # the same model without LoRA: what torch itself costs
         with torch.inference_mode():
             expected = {phase: wrapper(x).numpy() for phase, x in ids.items()}
+            expected_dora = {phase: Wrapper(dora_model).eval()(x).numpy() for phase, x in ids.items()}
 
         for block in range(blocks):
             k = block % len(ORT_VARIANTS)
@@ -355,16 +420,18 @@ def main() -> None:
                 for name, values in local.items():
                     times[phase][name] += values
                     block_ratios[phase][name].append(statistics.median(values) / statistics.median(local["base"]))
+                dora_ratios[phase].append(statistics.median(local["dynamic_dora"]) / statistics.median(local["dynamic_unfused"]))
                 if block == 0:
-                    for name in ("merged", "dynamic", "dynamic_unfused"):
+                    for name in ("merged", *DYNAMIC):
                         out = sessions[name].run(None, feeds)[0]
-                        errors[phase][name] = float(np.abs(out - expected[phase]).max() / np.abs(expected[phase]).max())
+                        ref = (expected_dora if name == "dynamic_dora" else expected)[phase]
+                        errors[phase][name] = float(np.abs(out - ref).max() / np.abs(ref).max())
             del sessions, runners
             gc.collect()
         if args.profile:
             for phase, (_, _, rounds) in phases.items():
                 feeds = {"input_ids": ids[phase].numpy()}
-                for name in ("dynamic", "dynamic_unfused"):
+                for name in DYNAMIC:
                     profiles.setdefault(phase, {})[name] = lora_profile(
                         paths[name], feeds, max(3, rounds * 3), str(tmp / f"profile_{phase}_{name}"))
 
@@ -389,6 +456,8 @@ def main() -> None:
             "dynamic_over_base": round(med["dynamic"] / med["base"], 3),
             "dynamic_unfused_over_base": round(med["dynamic_unfused"] / med["base"], 3),
             "fused_over_unfused": round(med["dynamic"] / med["dynamic_unfused"], 3),
+            "dora_over_lora_dynamic": round(med["dynamic_dora"] / med["dynamic_unfused"], 3),  # both unfused
+            "dora_over_lora_range_over_blocks": [round(min(dora_ratios[phase]), 3), round(max(dora_ratios[phase]), 3)],
             "peft_eager_over_ort_dynamic": round(med["peft_eager"] / med["dynamic"], 3),
             "peft_eager_over_ort_dynamic_unfused": round(med["peft_eager"] / med["dynamic_unfused"], 3),
             "torch_eager_base_over_ort_base": round(med["torch_eager_base"] / med["base"], 3),
@@ -399,6 +468,7 @@ def main() -> None:
                 "dynamic_over_base": med["dynamic"] / med["base"] <= limit,
                 "dynamic_unfused_over_base": med["dynamic_unfused"] / med["base"] <= limit,
                 "peft_eager_over_ort_dynamic": med["peft_eager"] / med["dynamic"] >= 2.0,
+                **({"dora_over_lora_dynamic": med["dynamic_dora"] / med["dynamic_unfused"] <= 1.03} if phase == "decode" else {}),
             },
             "max_rel_error_vs_peft": {k: float(f"{v:.2e}") for k, v in errors[phase].items()},
         }
@@ -407,6 +477,7 @@ def main() -> None:
         report["phases"][phase] = entry
     if args.kv:
         report["kv_decode"] = kv_decode_case(args.quick, args.kv_repeat, args.blocks)
+        report["kv_decode_dora"] = kv_decode_dora_case(args.quick, args.kv_repeat, args.blocks)
         if args.int4:
             report["kv_decode_int4"] = kv_decode_int4_case(args.quick, args.kv_repeat, args.blocks)
     report["wall_s"] = round(time.perf_counter() - started, 1)

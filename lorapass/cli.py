@@ -78,7 +78,7 @@ def _slot_rule(args: argparse.Namespace):
         raise RuleError(f"--rank {args.rank}: the slot rank must be 1..{MAX_RANK}")
     target = args.target[0] if len(args.target) == 1 and args.target[0].lower() == "all-linear" else args.target
     return _validated(LoraRule, dict(name="slots", target_modules=target, r=args.rank,
-                                     strategy="multi" if args.slots else "dynamic",
+                                     strategy="multi" if args.slots else "dynamic", use_dora=args.dora,
                                      lora_alpha=args.rank if args.alpha is None else args.alpha), "--target/--rank/--alpha")
 
 
@@ -155,6 +155,9 @@ def build_parser() -> argparse.ArgumentParser:
     slots.add_argument("--target", nargs="+", metavar="MODULE", help="target_modules suffixes, or all-linear")
     slots.add_argument("--rank", type=int, default=8, help="default slot rank (adapters of any rank fit later)")
     slots.add_argument("--alpha", type=float, help="recorded alpha (default: rank)")
+    slots.add_argument("--dora", action="store_true",
+                       help="DoRA-ready slots: a per-output factor input (ones by default) for DoRA adapters; plain "
+                            "LoRA adapters run on them too")
     slots.add_argument("--slots", type=int, metavar="N",
                        help="multi: banks of N adapter slots (empty ones after any --adapter; "
                             "fill them with export-adapter)")

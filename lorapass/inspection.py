@@ -14,7 +14,7 @@ from lorapass.onnx.loss import summary
 from lorapass.onnx.merge import record
 from lorapass.onnx.storage import dry_run
 from lorapass.onnx.sites import SiteReport
-from lorapass.plan import check_adapter, plan
+from lorapass.plan import check_adapter, plan, select
 from lorapass.rules import LoraRule, RuleSet
 
 
@@ -27,6 +27,7 @@ class Inspection:
     hits: dict[str, dict] = field(default_factory=dict)  # site path -> {"rule", "r", "alpha", "scale"}
     problems: list[str] = field(default_factory=list)
     unmatched_adapter_modules: dict[str, str | None] = field(default_factory=dict)  # module -> closest site
+    modules: dict[str, dict] = field(default_factory=dict)  # adapter module -> its kind, sizes and notes
     requantization: dict | None = None  # what a merge would keep of the adapter's delta in quantized weights
     binding: KeyReport | None = None  # a single file's modules bound to the sites
 
@@ -42,6 +43,7 @@ class Inspection:
             "sites": [s.to_dict() | {"target": self.hits.get(s.path)} for s in self.report.sites],
             "unmatched_adapter_modules": self.unmatched_adapter_modules,
             "adapter_keys": self.binding.to_dict() if self.binding else None,
+            "adapter_modules": self.modules,
             "problems": self.problems,
             "requantization": self.requantization,
         }
@@ -61,20 +63,26 @@ def inspect_model(model: str | os.PathLike, adapter: Adapter | None = None, rule
     result = Inspection(str(model), report, binding=adapter.binding if adapter else None)
     paths = list(dict.fromkeys(s.path for s in report.sites))
     if adapter is not None:
-        for module in adapter.modules:
+        sites = {s.path: s for s in report.sites}
+        for module, kind in adapter.modules.items():
             if module not in paths:
                 close = difflib.get_close_matches(module, paths, n=1, cutoff=0.6)
                 result.unmatched_adapter_modules[module] = close[0] if close else None
+            else:
+                result.modules[module] = kind.describe(sites[module])
     rules = rules if rules is not None else (adapter.rule if adapter is not None else None)
     if rules is None:
         return result
     try:
-        targets = plan(report.sites, rules, report.output_heads)
+        targets = select(report.sites, rules, report.output_heads, adapter)
     except LorapassError as exc:
         result.problems.append(str(exc))
         return result
     for t in targets:
         result.hits[t.site.path] = {"rule": t.rule.name, "r": t.params.r, "alpha": t.params.alpha, "scale": t.params.scale}
+        kind = adapter.modules.get(t.site.path) if adapter is not None else None
+        if kind is not None and not kind.targeted:  # applied by name (modules_to_save, trainable tokens, biases)
+            result.hits[t.site.path] = {"rule": t.rule.name, "by_name": kind.name}
     if adapter is not None:
         try:
             check_adapter(targets, adapter, paths)
@@ -103,17 +111,24 @@ def format_table(result: Inspection) -> str:
     rows = [("path", "op", "layout", "packing", "in->out", "dtype", "named by", "target")]
     for s in rep.sites:
         hit = result.hits.get(s.path)
-        target = f"{hit['rule']} r={hit['r']} alpha={hit['alpha']:g} scale={hit['scale']:.4g}" if hit else "-"
+        target = "-" if not hit else f"{hit['rule']}: {hit['by_name']}" if "by_name" in hit else (
+            f"{hit['rule']} r={hit['r']} alpha={hit['alpha']:g} scale={hit['scale']:.4g}")
         if s.lora:
             target += f" (has LoRA: {s.lora})"
         shape = f"{s.in_features}->{s.out_features}" + (f" {'x'.join(map(str, s.kernel))}" if s.kernel else "")
-        rows.append((s.path, s.op, s.layout, _packing(s), shape, s.dtype, f"{s.source} ({s.dialect})", target))
+        rows.append((s.path, s.op, s.layout, _packing(s), shape, s.dtype,
+                     f"{s.source} ({s.dialect})", target))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     lines += ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
     for node, reason in rep.unsupported:
         lines.append(f"not adapted: {node}: {reason}")
     if rep.unresolved:
         lines.append(f"unnamed linear nodes (not targeted): {', '.join(rep.unresolved)}")
+    for module, info in result.modules.items():
+        if info["kind"] != "lora" or len(info) > 3:
+            notes = "; ".join(f"{k.replace('_', ' ')} {v}" for k, v in info.items() if k not in ("kind", "elements", "bytes"))
+            lines.append(f"adapter module {module!r}: {info['kind']}, {info['elements']} elements "
+                         f"({info['bytes'] / 2**20:.2f} MiB in the graph's dtype)" + (f"; {notes}" if notes else ""))
     if result.binding is not None:
         lines.append(result.binding.summary())
     for module, close in result.unmatched_adapter_modules.items():

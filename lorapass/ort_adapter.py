@@ -15,11 +15,14 @@ import onnx_ir as ir
 from lorapass.adapter import Adapter
 from lorapass.atomic import Transaction
 from lorapass.errors import AdapterError, ModelError
+from lorapass.onnx.fold import read
 from lorapass.onnx.load import load_model
+from lorapass.onnx.sites import find_sites
 from lorapass.onnx.slots import METADATA_KEY, SITES_KEY, Slot, from_record
 from lorapass.provenance import input_files
+from lorapass.site import Site
 
-_DTYPES = {ir.DataType.FLOAT: np.float32, ir.DataType.FLOAT16: np.float16}
+_DTYPES = {ir.DataType.FLOAT: np.float32, ir.DataType.FLOAT16: np.float16, ir.DataType.INT64: np.int64}
 
 
 def slots_of(model: str | os.PathLike, graph: ir.Model | None = None) -> tuple[list[Slot], dict[str, np.dtype]]:
@@ -45,6 +48,33 @@ def slots_of(model: str | os.PathLike, graph: ir.Model | None = None) -> tuple[l
     if missing:
         raise ModelError(f"{model}: metadata {METADATA_KEY!r} lists LoRA inputs the graph does not have: {missing[:4]}")
     return slots, dtypes
+
+
+class _ModelWeights:
+    """The base weights of a dynamic model, read on demand (its sites found as a rewrite finds them)."""
+
+    def __init__(self, model: str | os.PathLike, graph: ir.Model, paths: list[str]) -> None:
+        self.model, self.graph, self.paths = Path(model), graph, paths
+        self._sites: dict[str, Site] | None = None
+
+    def site_at(self, path: str) -> Site | None:
+        if self._sites is None:
+            self._sites = {}
+            for site in find_sites(self.graph, wanted=self.paths).sites:
+                self._sites.setdefault(site.path, site)
+        return self._sites.get(path)
+
+    def site(self, path: str) -> np.ndarray:
+        site = self.site_at(path)
+        if site is None:
+            raise ModelError(f"{self.model}: no site {path!r} whose base weight the adapter's values depend on")
+        return site.storage.read()
+
+    def tensor(self, name: str) -> np.ndarray:
+        value = self.graph.graph.initializers.get(name)
+        if value is None:
+            raise ModelError(f"{self.model}: the initializer {name!r} a slot record names is missing")
+        return read(value.const_value).astype(np.float32)
 
 
 def site_paths(model: str | os.PathLike, graph: ir.Model) -> list[str]:
@@ -77,23 +107,23 @@ def bind_to(adapter, model: str | os.PathLike, component: str | None = None, str
 def adapter_parameters(adapter, model: str | os.PathLike, graph: ir.Model | None = None,
                        aliases: dict[str, str] | None = None, component: str | None = None, strict: bool = False,
                        unet_config: str | os.PathLike | None = None) -> dict[str, np.ndarray]:
-    """The adapters' values for the graph's slot inputs (each slot says how, and checks the shapes).
+    """The adapter's values for the dynamic graph's slot inputs (each slot says how, and checks the shapes).
 
-    ``adapter`` is one adapter or several (Adapter, path or ``PATH:WEIGHT``); single files are bound to the base's
-    site paths first (``component``, ``strict``, ``unet_config`` as for rewrite). A dynamic graph takes several as
-    one blend (on each slot their modules' ranks concatenated, each file's weight and scale folded in); a multi
-    graph takes them as ids 1, 2, ... (every bank written, stacked for them). Uses the graph's own ``lorapass.lora``
-    records for which module paths have slots and each adapter module's own rank and scale (for PEFT: rank_pattern /
-    alpha_pattern / rslora as PEFT resolves them). ``aliases`` (graph components -> the adapter's) rename the slots'
-    paths to the adapter's module names. Dynamic slots whose defaults are another adapter's weights (a graph made
-    with an adapter) and that these adapters leave out get zeros, so the file alone decides the run.
+    Uses the graph's own ``lorapass.lora`` records for which module paths have slots and each adapter module's
+    own rank and scale (for PEFT: rank_pattern / alpha_pattern / rslora as PEFT resolves them). ``aliases``
+    (graph components -> the adapter's) rename the slots' paths to the adapter's module names. Values that
+    depend on base weights (DoRA's factor, token rows) read them from the graph. Slots whose defaults hold the
+    adapter the graph was built with get neutral values when this adapter has nothing for them. A multi graph
+    takes several adapters (ids 1, 2, ... in order): every bank is written, stacked for them; a dynamic graph takes
+    them as one blend (on each slot their modules' ranks concatenated, each file's weight and scale folded in).
+    Adapters are Adapter objects, paths or ``PATH:WEIGHT``; single files are bound to the base's site paths first
+    (``component``, ``strict``, ``unet_config`` as for rewrite).
     """
-    from lorapass.kinds import Blend
     from lorapass.onnx.dialects import Dialect
 
+    rename = Dialect("alias", aliases=aliases or {}).module_path
     graph = graph if graph is not None else load_model(model)
     adapters = bind_to(adapter, model, component, strict, unet_config, graph)
-    rename = Dialect("alias", aliases=aliases or {}).module_path
     slots, dtypes = slots_of(model, graph)
     banked = any(slot.banked for slot in slots)
     if not adapters:
@@ -108,39 +138,62 @@ def adapter_parameters(adapter, model: str | os.PathLike, graph: ir.Model | None
                 f"{a.source}: {len(unknown)} adapter module(s) have no LoRA input in {model}: "
                 + ", ".join(f"{m!r} (expects inputs {m}.lora_A{suffix}/.lora_B{suffix})" for m in unknown[:5])
                 + f"; the graph's LoRA inputs are e.g. {names[:4]}")
-    modules: dict[str, list] = {}
+    weights = _ModelWeights(model, graph, sorted({path for slot in slots for path in slot.paths}))
+    for a in adapters:
+        _check_covered(a, slots, rename, weights, model)
+    blended = _blended(adapters) if not banked and len(adapters) > 1 else None
+    values: dict[str, np.ndarray] = {}
+    for slot in slots:
+        chosen = [{path: a.modules[rename(path)] for path in slot.paths if rename(path) in a.modules} for a in adapters]
+        if blended is not None:
+            chosen = [{path: blended[rename(path)] for path in slot.paths if rename(path) in blended}]
+        if slot.banked:
+            values |= slot.stacked(chosen)
+        elif chosen[0] or slot.record.get("default") == "adapter":  # else the graph's neutral defaults stay
+            values |= slot.values_for(chosen[0], weights)
+    return {name: np.ascontiguousarray(array, dtype=dtypes.get(name, np.float32)) for name, array in values.items()}
+
+
+def _blended(adapters: list[Adapter]) -> dict:
+    """Module path -> the adapters' modules there as one (a Blend where several have one; plain low-rank only)."""
+    from lorapass.kinds import Blend
+
+    found: dict[str, list] = {}
     for a in adapters:
         for path, kind in a.modules.items():
-            modules.setdefault(path, []).append(kind)
-    blended = {path: found[0] if len(found) == 1 else Blend(found) for path, found in modules.items()}
-    params: dict[str, np.ndarray] = {}
+            found.setdefault(path, []).append(kind)
+    for path, kinds in found.items():
+        other = next((k for k in kinds if not k.additive), None) if len(kinds) > 1 else None
+        if other is not None:
+            raise AdapterError(f"{other.source}: {other.key()} ({other.name} at {path!r}) is not a plain low-rank "
+                               "delta, so it cannot be blended with another adapter's; export it on its own")
+    return {path: kinds[0] if len(kinds) == 1 else Blend(kinds) for path, kinds in found.items()}
+
+
+def _check_covered(adapter: Adapter, slots: list[Slot], rename, weights: _ModelWeights, model) -> None:
+    """Every part of every adapter module (low-rank branch, DoRA factor, replaced weight or bias, token rows) must
+    have a slot input in the graph (AdapterError naming the key, what it changes and the slots there)."""
+    covered: dict[str, tuple[str, set[str], list[str]]] = {}  # module -> (graph path, parts carried, slot types)
     for slot in slots:
-        if slot.banked:
-            values = slot.stacked([{p: a.modules[rename(p)] for p in slot.paths if rename(p) in a.modules}
-                                   for a in adapters])
-        else:
-            mine = {path: blended[rename(path)] for path in slot.paths if rename(path) in blended}
-            if not mine and not _nonzero_defaults(graph, slot):
-                continue
-            values = slot.values_for(mine)
-        for name, array in values.items():
-            params[name] = np.ascontiguousarray(array, dtype=dtypes.get(name, np.float32))
-    return params
+        for path in slot.paths:
+            entry = covered.setdefault(rename(path), (path, set(), []))
+            entry[1].update(slot.covers())
+            entry[2].append(slot.type)
+    for module, kind in adapter.modules.items():
+        path, parts, types = covered[module]
+        missing = kind.parts(weights.site_at(path) if kind.saved_base is not None else None) - parts
+        if missing:
+            raise AdapterError(
+                f"{adapter.source}: {kind.key()} ({kind.name}) changes {sorted(missing)} of {module!r}, which the "
+                f"graph's slots there ({', '.join(types)}) do not carry; rewrite {model} with this adapter")
 
 
-def _nonzero_defaults(graph: ir.Model, slot: Slot) -> bool:
-    """Whether the slot's default initializers hold weights (an adapter's), not the zeros of LoRA-ready slots."""
-    initializers = graph.graph.initializers
-    return any(i.name in initializers and initializers[i.name].const_value is not None
-               and np.any(initializers[i.name].const_value.numpy()) for i in slot.inputs())
-
-
-def export_adapter(adapter_dir, model: str | os.PathLike, output: str | os.PathLike,
-                   aliases: dict[str, str] | None = None, component: str | None = None, strict: bool = False,
-                   unet_config: str | os.PathLike | None = None) -> Path:
-    """Write ``output`` (.onnx_adapter) holding the adapter's weights (several adapters: their blend) for the
-    dynamic graph ``model``, or the banks of several adapters (ids 1, 2, ... in order) for a multi graph
-    (see :func:`adapter_parameters`)."""
+def export_adapter(adapter_dir: str | os.PathLike | Adapter | Sequence, model: str | os.PathLike,
+                   output: str | os.PathLike, aliases: dict[str, str] | None = None, component: str | None = None,
+                   strict: bool = False, unet_config: str | os.PathLike | None = None) -> Path:
+    """Write ``output`` (.onnx_adapter) holding the adapter's weights (several: their blend) for the dynamic graph
+    ``model``, or the banks of several adapters (ids 1, 2, ... in order) for a multi graph (see
+    :func:`adapter_parameters`)."""
     import onnxruntime as ort
 
     graph = load_model(model)

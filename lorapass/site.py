@@ -22,8 +22,11 @@ class Site:
     value after the bias (where a LoRA branch joins), ``source`` the naming strategy and ``dialect`` the
     exporter naming table that gave the path. ``storage`` is the frontend's view of the weight (read it as
     float32 in torch's layout, record edits); ``layout`` describes it (``in_out``/``out_in`` for a plain
-    linear, more for packed or quantized weights). A convolution's ``in_features``/``out_features`` are its
-    channels and ``kernel`` its spatial kernel size (empty for a linear).
+    linear, more for packed or quantized weights). ``bias_storage`` is the view of its bias (one that adds a bias
+    when the layer has none). An embedding site (``kind="embedding"``) has ``in_features`` = rows of its table,
+    ``out_features`` = the embedding width, and reads the ids.
+    A convolution's ``in_features``/``out_features`` are its channels and ``kernel`` its spatial kernel size
+    (empty for a linear).
 
     ``packed`` is the path of the packed node a ``packed`` site is a row block of (the sites of one packed node
     share its dynamic slot); ``joins`` lists (value, rows) for a module an exporter split over several nodes
@@ -51,6 +54,7 @@ class Site:
     lora: str | None = None
     kernel: tuple[int, ...] = ()
     storage: Any = field(default=None, compare=False, repr=False)
+    bias_storage: Any = field(default=None, compare=False, repr=False)
 
     @property
     def slot_path(self) -> str:
@@ -64,4 +68,4 @@ class Site:
 
     def to_dict(self) -> dict:
         """The site as plain data (for ``inspect --json``)."""
-        return {k: v for k, v in self.__dict__.items() if k != "storage"}
+        return {k: v for k, v in self.__dict__.items() if k not in ("storage", "bias_storage")}

@@ -1,9 +1,10 @@
 """``lorapass verify``: check a rewritten model against the base with the adapter merged by a second path.
 
 The reference is built independently of the merge strategy: the base model is loaded with the ``onnx``
-package, each targeted weight gets W + scale·(B @ A) computed by numpy in float64 (then cast to W's
-dtype; a quantized weight is dequantized first by :mod:`lorapass.dequant` and the node computes with the float
-merged weight), and ONNX Runtime runs it. Site naming and rule matching are shared with the pass (one
+package, each targeted weight gets PEFT's formula computed by numpy in float64 from the adapter file's own
+tensors (W + scale·(B @ A), DoRA's per-output rescale, LoRA's B bias, replaced weights, biases and token rows;
+then cast to W's dtype; a quantized weight is dequantized first by :mod:`lorapass.dequant` and the node computes
+with the float merged weight), and ONNX Runtime runs it. Site naming and rule matching are shared with the pass (one
 implementation of PEFT's semantics); the arithmetic and the graph writing are not.
 """
 
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 import os
 import tempfile
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -146,6 +148,64 @@ def check_feeds(model: onnx.ModelProto, feeds: dict[str, np.ndarray], where: str
     return out
 
 
+def _reference_rows(module, w: np.ndarray, rows: slice) -> np.ndarray:
+    """The new ``rows`` of the module's weight (float64, torch layout) from those rows ``w`` of its current weight,
+    computed from the module's own file tensors: PEFT's formulas written out again. A full tensor (replaced or
+    saved base weight) comes first; then the low-rank delta (W + s·B·A; an embedding's table gains s·(B·A)ᵀ) and
+    DoRA's rescale by m / ‖W + ΔW‖ per output feature, or the replaced token rows."""
+    read = lambda ref: ref.read().astype(np.float64)  # noqa: E731
+    full = module.replaced.get("weight") or module.saved_base
+    w = read(full)[rows] if full is not None else w
+    if hasattr(module, "a"):  # low-rank
+        embedding = "embedding" in module.name
+        delta = module.scale * (read(module.b) @ read(module.a))
+        w = w + (delta.T if embedding else delta)[rows]
+        if getattr(module, "magnitude", None) is not None:
+            norm = np.sqrt((w * w).sum(axis=0 if embedding else 1))  # over the axis that is not the outputs
+            g = read(module.magnitude).reshape(-1)
+            w = w * (g / norm)[None, :] if embedding else w * (g[rows] / norm)[:, None]
+    if hasattr(module, "rows"):
+        w = w.copy()
+        w[module.indices] = read(module.rows)
+    return w
+
+
+def _reference_bias(module, b: np.ndarray | None) -> np.ndarray | None:
+    """The module's new bias (float64): a replaced one, plus s times LoRA's B bias; None when it keeps the graph's."""
+    replaced = module.replaced.get("bias")
+    new = replaced.read().astype(np.float64) if replaced is not None else b
+    if getattr(module, "bias", None) is not None:
+        new = (new if new is not None else 0.0) + module.scale * module.bias.read().astype(np.float64)
+    return None if new is b else new
+
+
+def _set_bias(proto: onnx.ModelProto, tensors: dict, node: onnx.NodeProto, site, bias: np.ndarray, dtype) -> None:
+    """Give the site its new bias as a new initializer: read where its old bias was, else added after the node
+    (or as a Gemm's C) when the layer had none."""
+    graph = proto.graph
+    name = f"{site.path}.bias.reference"
+    graph.initializer.append(numpy_helper.from_array(bias.astype(dtype), name))
+    tensors[name] = graph.initializer[-1]
+    if site.bias is not None:
+        reader = node if node.op_type == "Gemm" else next(n for n in graph.node if node.output[0] in n.input
+                                                          and site.bias in n.input)
+        reader.input[list(reader.input).index(site.bias)] = name
+        return
+    if node.op_type == "Gemm":
+        node.input.append(name)
+        return
+    out, biased = node.output[0], f"{node.output[0]}.reference_biased"
+    for other in graph.node:
+        for i, value in enumerate(other.input):
+            if value == out:
+                other.input[i] = biased
+    for output in graph.output:
+        if output.name == out:
+            output.name = biased
+    position = list(graph.node).index(node) + 1
+    graph.node.insert(position, onnx.helper.make_node("Add", [out, name], [biased], name=f"{site.path}/bias/reference_Add"))
+
+
 def _graphs(graph: onnx.GraphProto) -> list[onnx.GraphProto]:
     """``graph`` and every subgraph in it (If / Loop / Scan bodies)."""
     out = [graph]
@@ -178,47 +238,55 @@ def _reference(base: Path, targets: list[Target], adapter: Adapter, folder: Path
         for node in graph.node:
             for name in node.input:
                 readers[name] = readers.get(name, 0) + 1
-    edits: dict[str, list[tuple[str, str, slice, np.ndarray, str]]] = {}
+    behind = {n.output[0]: n.input[0] for g in graphs for n in g.node if n.op_type == "Identity"}
+    edits: dict[str, list[tuple[str, str, slice, Callable, str]]] = {}
     quantized: dict[str, np.ndarray] = {}  # quantized node -> its merged float64 weight [out, in]
     for target in targets:
         site = target.site
-        a = target.module.a.read().astype(np.float64)
-        b = target.module.b.read().astype(np.float64)
-        update = target.module.scale * (b @ a)  # [out, in], from the file's own tensors, not the kind's arithmetic
         for node, weight, layout, rows, module_rows in _placements(site):
+            edit = lambda w, m=target.module, r=module_rows: _reference_rows(m, w, r)  # noqa: E731
             if _dequantizer(proto, nodes[node]) is not None:  # a quantized weight: this node computes in float
                 if node not in quantized:
                     quantized[node] = _dequantized(proto, nodes[node], tensors)
-                quantized[node][rows] += update[module_rows]
+                quantized[node][rows] = edit(quantized[node][rows])
                 continue
-            edits.setdefault(weight, []).append((node, layout, rows, update[module_rows], site.path))
+            edits.setdefault(weight, []).append((node, layout, rows, edit, site.path))
+        bias_name = site.bias
+        while bias_name in behind:
+            bias_name = behind[bias_name]
+        old = numpy_helper.to_array(tensors[bias_name]) if bias_name in tensors else None
+        new = _reference_bias(target.module, None if old is None else old.astype(np.float64))
+        if new is not None:
+            dtype = old.dtype if old is not None else numpy_helper.to_array(tensors[site.weight]).dtype
+            _set_bias(proto, tensors, nodes[site.node], site, new, dtype)
     for weight, items in edits.items():
         w = numpy_helper.to_array(tensors[weight])
         layout = items[0][1]
-        blocks = {(r.start, r.stop, p): (r, u) for _, _, r, u, p in items}  # If branches repeat one edit
+        blocks = {(r.start, r.stop, p): (r, e) for _, _, r, e, p in items}  # If branches repeat one edit
         counts = [sum((r.start, r.stop, p) == key for _, _, r, _, p in items) for key in blocks]
         one_each = len({key[:2] for key in blocks}) == len(blocks)  # no rows edited by two modules
         if one_each and all(c == readers.get(weight, 0) for c in counts):  # every reader edited alike: in place
             merged = w.astype(np.float64) if layout == "out_in" else w.T.astype(np.float64)
-            for r, u in blocks.values():
-                merged[r] += u
+            for r, e in blocks.values():
+                merged[r] = e(merged[r])
             merged = (merged if layout == "out_in" else merged.T).astype(w.dtype)
             tensors[weight].CopyFrom(numpy_helper.from_array(merged, weight))
             continue
         for node_name in dict.fromkeys(n for n, *_ in items):  # a shared weight: each node its own copy
             node = nodes[node_name]
             w_out_in = w.astype(np.float64) if layout == "out_in" else w.T.astype(np.float64)
-            for n, _, r, u, _ in items:
+            for n, _, r, e, _ in items:
                 if n == node_name:
-                    w_out_in[r] += u
-            trans_b = any(att.name == "transB" and att.i == 1 for att in node.attribute)
-            merged = (w_out_in if trans_b else w_out_in.T).astype(w.dtype)
+                    w_out_in[r] = e(w_out_in[r])
+            gather = node.op_type == "Gather"  # reads its table [rows, dim] as input 0
+            reads_out_in = gather or any(att.name == "transB" and att.i == 1 for att in node.attribute)
+            merged = (w_out_in if reads_out_in else w_out_in.T).astype(w.dtype)
             name, i = f"{weight}.reference", 1
             while name in tensors:
                 name, i = f"{weight}.reference_{i}", i + 1
             proto.graph.initializer.append(numpy_helper.from_array(merged, name))
             tensors[name] = proto.graph.initializer[-1]
-            node.input[1] = name
+            node.input[0 if gather else 1] = name
     for name, w in quantized.items():
         _float_weight(proto, nodes[name], w, tensors)
     path = folder / "reference.onnx"

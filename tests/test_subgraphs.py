@@ -120,7 +120,7 @@ def _check(actual, expected):
 def test_sites_found_in_both_branches_sharing_one_store(merged):
     _, path, _, _ = merged
     report = find_sites(load_model(path), prefix="m")
-    by_path = report.by_path()
+    by_path = {p: sites for p, sites in report.by_path().items() if sites[0].kind == "linear"}
     assert len(by_path) == 15 and all(len(sites) == 2 for sites in by_path.values())
     for sites in by_path.values():  # the two branches read one outer initializer: one store, edited once
         assert sites[0].storage.store is sites[1].storage.store

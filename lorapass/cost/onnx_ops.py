@@ -181,7 +181,7 @@ def _static(path: str, mtime: float, prefix: str | None) -> _Static:
                                           and node.op_type not in ("RandomNormal", "RandomUniform")):
             consts.update(o for o in node.output if o)
     st = _Static(Path(path), proto, dims, elem, consts, overridable,
-                 {node: s for node, s in report.by_node().items() if node}, list(report.output_heads), report.prefix, ranks, symbols)
+                 {node: s for node, s in report.by_node().items() if node and s.kind == "linear"}, list(report.output_heads), report.prefix, ranks, symbols)
     st.unresolved_sites = list(report.unresolved)
     _classify(st)
     return st

@@ -53,9 +53,7 @@ class ExportResult:
     @property
     def lora_inputs(self) -> list[str]:
         """The graph inputs an ONNX Runtime adapter may override (empty for merge)."""
-        from lorapass.onnx.slots.linear import input_names
-
-        return [name for path in self.fx.slots for name in input_names(path)]
+        return [name for keys in self.fx.slots.values() for name in keys]
 
 
 def to_onnx(result: FxResult, example_inputs: Any = None, example_kwargs: dict | None = None,
@@ -65,6 +63,7 @@ def to_onnx(result: FxResult, example_inputs: Any = None, example_kwargs: dict |
     import torch
 
     from lorapass.fx.promote import promote_lora_inputs
+    from lorapass.onnx.slots import METADATA_KEY
     from lorapass.fx.trace import auto_dynamic_shapes
 
     program = result.program
@@ -86,7 +85,8 @@ def to_onnx(result: FxResult, example_inputs: Any = None, example_kwargs: dict |
     except Exception as exc:  # torch.onnx reports unsupported operators and export failures with many types
         raise UnsupportedError(f"torch.onnx.export failed: {type(exc).__name__}: {str(exc).strip().splitlines()[0]}") from exc
     if result.strategy == "dynamic":
-        promote_lora_inputs(onnx_program.model, result.targets, result.slots)
+        meta = program.graph_module.meta if isinstance(program, torch.export.ExportedProgram) else program.meta
+        promote_lora_inputs(onnx_program.model, meta[METADATA_KEY], result.slots)
     if optimize:
         with _quiet("onnx_ir.passes.common.initializer_deduplication"):  # "skipped <LoRA input>": intended
             onnx_program.optimize()

@@ -10,24 +10,30 @@ from __future__ import annotations
 import numpy as np
 
 from lorapass.kinds.base import Kind
+from lorapass.kinds.lowrank import LowRank
 from lorapass.site import Site
 
 
-class Blend(Kind):
-    """The sum of ``parts`` (modules of one path from different adapters)."""
+class Blend(LowRank):
+    """The sum of ``members`` (modules of one path from different adapters, each purely low-rank)."""
 
-    def __init__(self, parts: list[Kind]) -> None:
-        self.parts = parts
-        self._pairs = [part.low_rank() for part in parts]
+    name = "blend"
+
+    def __init__(self, members: list[Kind]) -> None:
+        self.members = members
+        self._pairs = [member.low_rank() for member in members]
         r = sum(u.shape[1] for u, _ in self._pairs)
-        super().__init__(parts[0].path, parts[0].source, r, float(r), 1.0)
+        super().__init__(members[0].path, members[0].source, r, float(r), 1.0)
 
-    def keys(self) -> dict[str, str]:
-        return {f"{i}.{role}": key for i, part in enumerate(self.parts) for role, key in part.keys().items()}
+    def own_keys(self) -> dict[str, str]:
+        return {f"{i}.{role}": key for i, part in enumerate(self.members) for role, key in part.keys().items()}
 
-    def check(self, site: Site) -> None:
-        for part in self.parts:
+    def check_own(self, site: Site) -> None:
+        for part in self.members:
             part.check(site)
+
+    def _refs(self) -> list:
+        return [ref for part in self.members for ref in part._refs()]
 
     def low_rank(self) -> tuple[np.ndarray, np.ndarray]:
         return (np.concatenate([u for u, _ in self._pairs], axis=1),

@@ -14,8 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from lorapass.formats.tensors import TensorRef
-from lorapass.kinds.base import Kind
-from lorapass.kinds.lora import check_shapes
+from lorapass.kinds.lowrank import LowRank, check_shapes
 from lorapass.site import Site
 
 
@@ -27,8 +26,10 @@ def hadamard_low_rank(u1: np.ndarray, v1: np.ndarray, u2: np.ndarray, v2: np.nda
     return u, v
 
 
-class Loha(Kind):
+class Loha(LowRank):
     """The two Hadamard factors of one module (each ``(wa, wb[, t])``); ``r`` is ``hada_w1_b``'s rank."""
+
+    name = "loha"
 
     def __init__(self, path: str, source: Path, w1: tuple[TensorRef, ...], w2: tuple[TensorRef, ...], r: int,
                  alpha: float, scale: float) -> None:
@@ -39,12 +40,12 @@ class Loha(Kind):
     def tucker(self) -> bool:
         return len(self.w1) == 3
 
-    def keys(self) -> dict[str, str]:
+    def own_keys(self) -> dict[str, str]:
         names = ("a", "b", "t")
         return {f"hada_w{i}_{n}" if n != "t" else f"hada_t{i}": ref.key
                 for i, factor in ((1, self.w1), (2, self.w2)) for n, ref in zip(names, factor)}
 
-    def check(self, site: Site) -> None:
+    def check_own(self, site: Site) -> None:
         expected = {}
         for i, factor in ((1, self.w1), (2, self.w2)):
             r = factor[1].shape[0]
@@ -67,3 +68,6 @@ class Loha(Kind):
     def low_rank(self) -> tuple[np.ndarray, np.ndarray]:
         u, v = hadamard_low_rank(*self._factor(self.w1), *self._factor(self.w2))
         return u * np.float32(self.scale), v
+
+    def _refs(self) -> list[TensorRef]:
+        return [*self.w1, *self.w2, *super()._refs()]

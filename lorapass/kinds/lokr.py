@@ -17,7 +17,7 @@ import numpy as np
 
 from lorapass.errors import ShapeMismatchError
 from lorapass.formats.tensors import TensorRef
-from lorapass.kinds.base import Kind
+from lorapass.kinds.lowrank import LowRank
 from lorapass.site import Site
 
 
@@ -27,10 +27,11 @@ def _full(w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return (np.eye(rows, dtype=np.float32), w) if rows <= cols else (w, np.eye(cols, dtype=np.float32))
 
 
-class Lokr(Kind):
+class Lokr(LowRank):
     """The Kronecker factors of one module: ``w1`` is (lokr_w1,) or (lokr_w1_a, lokr_w1_b); ``w2`` is (lokr_w2,),
     (lokr_w2_a, lokr_w2_b) or (lokr_w2_a, lokr_w2_b, lokr_t2)."""
 
+    name = "lokr"
     _ROLES = {1: ("lokr_w1",), 2: ("lokr_w1_a", "lokr_w1_b")}
 
     def __init__(self, path: str, source: Path, w1: tuple[TensorRef, ...], w2: tuple[TensorRef, ...], r: int,
@@ -38,7 +39,7 @@ class Lokr(Kind):
         super().__init__(path, source, r, alpha, scale)
         self.w1, self.w2 = w1, w2
 
-    def keys(self) -> dict[str, str]:
+    def own_keys(self) -> dict[str, str]:
         roles2 = {1: ("lokr_w2",), 2: ("lokr_w2_a", "lokr_w2_b"), 3: ("lokr_w2_a", "lokr_w2_b", "lokr_t2")}
         return (dict(zip(self._ROLES[len(self.w1)], (r.key for r in self.w1)))
                 | dict(zip(roles2[len(self.w2)], (r.key for r in self.w2))))
@@ -56,14 +57,14 @@ class Lokr(Kind):
             return a_c, (w2[0].shape[1], w2[1].shape[1] * int(np.prod(t[2:], dtype=int))), tuple(t[2:])
         return a_c, (w2[0].shape[0], w2[1].shape[1]), None
 
-    def check(self, site: Site) -> None:
+    def check_own(self, site: Site) -> None:
         (a, c), (b, e), kernel = self._shapes()
         n = site.in_features * int(np.prod(site.kernel, dtype=int))
         fits = a * b == site.out_features and c * e == n and site.in_features % c == 0
         if kernel is not None and kernel != site.kernel:
             fits = False
         if not fits:
-            shapes = ", ".join(f"{key} {list(ref.shape)}" for key, ref in zip(self.keys().values(), (*self.w1, *self.w2)))
+            shapes = ", ".join(f"{key} {list(ref.shape)}" for key, ref in zip(self.own_keys().values(), (*self.w1, *self.w2)))
             raise ShapeMismatchError(
                 f"{self.source}: LoKr module {self.path!r} ({shapes}) gives kron shape [{a * b}, {c * e}], site "
                 f"{site.path!r} ({site.op} {site.node!r}, {site.in_features}->{site.out_features}"
@@ -88,3 +89,6 @@ class Lokr(Kind):
         u1, v1 = self._factor1()
         u2, v2 = self._factor2()
         return np.kron(u1, u2) * np.float32(self.scale), np.kron(v1, v2)
+
+    def _refs(self) -> list[TensorRef]:
+        return [*self.w1, *self.w2, *super()._refs()]

@@ -144,7 +144,7 @@ def insert_banks(model: ir.Model, targets: Sequence[Sequence[Target]], names: Se
             x_rows = b.op("Reshape", [x, shape], f"{tag}/lora/Reshape")
             _insert_after(x, b.nodes, g.graph)
         for site in sites:
-            slot, inputs = g.slots[site.slot_path]
+            slot, inputs = g.slots[(site.slot_path, BankSlot.type)]
             b = Branch()
             delta = slot.branch(b, x if rows_first else x_rows, inputs | {"ids": checked})
             if not rows_first:

@@ -1,4 +1,4 @@
-"""Find every linear layer (site) of an ONNX graph and name it by its torch module path."""
+"""Find every adaptable layer (site: linear, embedding) of an ONNX graph and name it by its torch module path."""
 
 from __future__ import annotations
 
@@ -188,7 +188,9 @@ def find_sites(model: ir.Model, prefix: str | None = None, wanted: Collection[st
     joined, slot_paths = _existing_lora(model, branches)
     sites = []
     for m, path, source in named:
-        m.storage.path = strip_prefix(path, chosen)
+        for view in (m.storage, m.bias_storage):
+            if view is not None:
+                view.path = strip_prefix(path, chosen)
         sites.append(
             Site(
                 path=m.storage.path,
@@ -209,6 +211,7 @@ def find_sites(model: ir.Model, prefix: str | None = None, wanted: Collection[st
                 lora=joined.get(m.output),
                 kernel=m.kernel,
                 storage=m.storage,
+                bias_storage=m.bias_storage,
             )
         )
     heads = sorted({s.path for s, (m, _, _) in zip(sites, named) if _is_output_head(m.output)})

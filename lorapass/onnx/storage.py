@@ -357,16 +357,58 @@ class Plain(Store):
         self.value.const_value = ir.LazyTensor(lazily, original.dtype, original.shape, name=name)
         self.value.meta[REPLACES] = original
 
-    def write_copy(self, graph: ir.Graph, node: ir.Node, compute: Callable[[], np.ndarray], name: str) -> None:
+    def operand(self, node: ir.Node) -> tuple[int, str, tuple[int, ...]]:
+        """(input index, layout, dims) of this weight as ``node`` reads it (through Identity/Transpose)."""
         index = next(i for i, v in enumerate(node.inputs) if v is not None and behind(v, self.value))
         layout = _operand_layout(node, self.layout)
-        dims = self.shape[::-1] if layout == "in_out" and len(self.shape) == 2 else self.shape
+        return index, layout, self.shape[::-1] if layout == "in_out" and len(self.shape) == 2 else self.shape
+
+    def write_copy(self, graph: ir.Graph, node: ir.Node, compute: Callable[[], np.ndarray], name: str) -> None:
+        index, layout, dims = self.operand(node)
         original = self.tensor
         tensor = ir.LazyTensor(lambda: ir.Tensor(self._encode(compute(), layout), name=name), original.dtype,
                                ir.Shape(dims), name=name)
         new = ir.Value(name=name, shape=ir.Shape(dims), type=ir.TensorType(original.dtype), const_value=tensor)
         graph.register_initializer(new)
         node.replace_input_with(index, new)
+
+
+class NewBias(Store):
+    """The bias a linear node does not have (zeros until edited); writing it adds one: the Gemm's C input, else an
+    ``Add`` after the node (its readers rerouted, a graph output keeping its name)."""
+
+    def __init__(self, node: ir.Node, features: int, dtype: ir.DataType) -> None:
+        super().__init__(f"{node.name}.bias", (features,), dtype.name.lower())
+        self.node, self.data_type = node, dtype
+
+    def readers(self) -> set[ir.Node]:
+        return set()
+
+    def read(self) -> np.ndarray:
+        return np.zeros(self.shape, np.float32)
+
+    def write(self, compute: Callable[[], np.ndarray], low_rank: LowRank | None) -> None:
+        from lorapass.onnx.edit import reroute
+
+        graph, node = self.node.graph, self.node
+        path = next(iter(self.edits.values()))[0].path or node.name
+        name = unique_name(graph, f"{path}.bias")
+        dtype = np.dtype(self.data_type.numpy())
+        tensor = ir.LazyTensor(lambda: ir.Tensor(compute().astype(dtype), name=name), self.data_type, ir.Shape(self.shape),
+                               name=name)
+        bias = ir.Value(name=name, shape=ir.Shape(self.shape), type=ir.TensorType(self.data_type), const_value=tensor)
+        graph.register_initializer(bias)
+        if node.op_type == "Gemm":
+            node.resize_inputs(3)
+            node.replace_input_with(2, bias)
+            return
+        y = node.outputs[0]
+        add = ir.Node("", "Add", [y, bias], name=f"{path}/bias/Add")
+        graph.insert_after(node, add)
+        reroute(y, add.outputs[0], keep={add}, name=f"{path}.biased")
+
+    def write_copy(self, graph: ir.Graph, node: ir.Node, compute: Callable[[], np.ndarray], name: str) -> None:
+        self.write(compute, None)  # one node only ever edits a bias it does not have
 
 
 def behind(value: ir.Value, source: ir.Value) -> bool:

@@ -32,6 +32,7 @@ def input_names(path: str) -> tuple[str, str]:
 class BankSlot(Slot):
     type = "bank"
     banked = True
+    parts = frozenset({"low_rank"})  # additive LoRA only: strategy multi refuses the other kinds
 
     @classmethod
     def around(cls, inner: Slot, modules: Sequence[dict[str, Kind]], names: Sequence[str | None], ids: str) -> BankSlot:
@@ -55,7 +56,7 @@ class BankSlot(Slot):
         return [SlotInput(rec["lora_A"], (SLOTS, rec["in"], rank), "lora_A"),
                 SlotInput(rec["lora_B"], (SLOTS, rank, rec["out"]), "lora_B")]
 
-    def values(self, module: Kind | None) -> dict[str, np.ndarray]:
+    def values(self, module: Kind | None, weights=None) -> dict[str, np.ndarray]:
         """A bank holding one adapter (id 1)."""
         return self.stacked([{} if module is None else {module.path: module}])
 

@@ -4,7 +4,8 @@
 matrices side by side (R = r_q + r_k + r_v, symbolic), ``P.lora_B`` [R, out] block-structured: the rows of
 part i's rank hold its B (transposed, scale folded in) in its own output columns, zeros elsewhere. That is
 each part's own LoRA exactly, and an adapter file keyed by the graph's two input names, whatever parts an
-adapter has (a part it lacks has rank 0).
+adapter has (a part it lacks has rank 0). A DoRA-ready packed slot also has ``P.dora_factor`` [out]: each DoRA
+part's factor on its rows, ones elsewhere.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import numpy as np
 
 from lorapass.errors import ShapeMismatchError
 from lorapass.kinds import Kind
-from lorapass.onnx.slots.base import register
+from lorapass.onnx.slots.base import Weights, register
 from lorapass.onnx.slots.linear import LinearSlot, input_names
 
 
@@ -33,8 +34,11 @@ class PackedSlot(LinearSlot):
             start, stop, _ = t.site.storage.rows.indices(t.site.storage.store.shape[0])
             parts.append({"path": t.site.path, "start": start, "stop": stop, "r": t.params.r,
                           "alpha": t.params.alpha, "scale": t.params.scale})
-        return cls({"slot": cls.type, "path": first.packed, "lora_A": a, "lora_B": b, "in": first.in_features,
-                    "out": first.storage.store.shape[0], "r": sum(p["r"] for p in parts), "parts": parts})
+        record = {"slot": cls.type, "path": first.packed, "lora_A": a, "lora_B": b, "in": first.in_features,
+                  "out": first.storage.store.shape[0], "r": sum(p["r"] for p in parts), "parts": parts}
+        if any(t.rule.use_dora or (t.module is not None and t.module.dora) for t in targets):
+            record["dora_factor"] = f"{first.packed}.dora_factor"
+        return cls(record)
 
     @classmethod
     def for_target(cls, target) -> PackedSlot:
@@ -44,14 +48,17 @@ class PackedSlot(LinearSlot):
     def paths(self) -> list[str]:
         return [part["path"] for part in self.record["parts"]]
 
-    def values(self, module: Kind | None) -> dict[str, np.ndarray]:
-        return self.values_for({} if module is None else {module.path: module})
+    def values(self, module: Kind | None, weights: Weights | None = None) -> dict[str, np.ndarray]:
+        return self.values_for({} if module is None else {module.path: module}, weights)
 
-    def values_for(self, modules: dict[str, Kind]) -> dict[str, np.ndarray]:
+    def values_for(self, modules: dict[str, Kind], weights: Weights | None = None) -> dict[str, np.ndarray]:
         rec = self.record
+        for module in modules.values():
+            self._check_fits(module)
+        factor = {rec["dora_factor"]: self._factors(modules, weights)} if "dora_factor" in rec else {}
         if not any(path in modules for path in self.paths):
             return {rec["lora_A"]: np.zeros((rec["in"], rec["r"]), np.float32),
-                    rec["lora_B"]: np.zeros((rec["r"], rec["out"]), np.float32)}
+                    rec["lora_B"]: np.zeros((rec["r"], rec["out"]), np.float32)} | factor
         downs, ups = [], []
         for part in rec["parts"]:
             module = modules.get(part["path"])
@@ -71,4 +78,14 @@ class PackedSlot(LinearSlot):
         for part, up in ups:
             b[at:at + up.shape[1], part["start"]:part["stop"]] = up.T
             at += up.shape[1]
-        return {rec["lora_A"]: np.ascontiguousarray(np.concatenate(downs, axis=0).T), rec["lora_B"]: b}
+        return {rec["lora_A"]: np.ascontiguousarray(np.concatenate(downs, axis=0).T), rec["lora_B"]: b} | factor
+
+    def _factors(self, modules: dict[str, Kind], weights: Weights) -> np.ndarray:
+        """DoRA's factor per output row of the packed weight: each DoRA part's g on its rows (the norm is per row,
+        so a row block's own is exact), ones elsewhere."""
+        g = np.ones(self.record["out"], np.float32)
+        for part in self.record["parts"]:
+            module = modules.get(part["path"])
+            if module is not None and module.dora:
+                g[part["start"]:part["stop"]] = module.factor(weights.site(part["path"]))
+        return g
