@@ -22,13 +22,36 @@ from lorapass.errors import LorapassError, LorapassWarning, RuleError
 
 def _add_selection(p: argparse.ArgumentParser) -> None:
     p.add_argument("--adapter", metavar="PATH[:WEIGHT]", action="append",
-                   help="adapter: a PEFT directory (adapter_config.json + adapter_model.safetensors); WEIGHT "
-                        "multiplies its scale; several --adapter merge as the sum of their deltas")
+                   help="adapter: a PEFT directory (adapter_config.json + adapter_model.safetensors) or a kohya / "
+                        "LyCORIS / diffusers .safetensors LoRA file; WEIGHT multiplies its scale; several --adapter "
+                        "merge as the sum of their deltas")
     p.add_argument("--rules", metavar="FILE", help="YAML rules; default: the adapter's own config")
     p.add_argument("--prefix", help="wrapper scope to strip from module paths (default: detected)")
     add_alias_option(p)
     p.add_argument("--allow-pickle", action="store_true",
                    help="read adapter_model.bin (torch.load with weights_only=True) when no safetensors file exists")
+    _add_binding(p)
+
+
+def _add_binding(p: argparse.ArgumentParser) -> None:
+    """Options binding single-file adapters (kohya, LyCORIS, diffusers) to a graph's sites."""
+    p.add_argument("--component", choices=["unet", "text_encoder", "text_encoder_2", "transformer"],
+                   help="which model of a file holding several this graph is (default: detected from the graph)")
+    p.add_argument("--strict", action="store_true", help="fail when a module of the file matches no site")
+    p.add_argument("--unet-config", metavar="CONFIG_JSON",
+                   help="diffusers UNet config.json giving the block layout for SGM-named (SDXL kohya) files "
+                        "(default: read from the graph)")
+
+
+def _binding(args: argparse.Namespace) -> dict:
+    return {"component": args.component, "strict": args.strict, "unet_config": args.unet_config}
+
+
+def _report_keys(adapters) -> None:
+    """Each single file's matched / unmatched modules, on stderr."""
+    for adapter in adapters:
+        if adapter.binding is not None:
+            print(adapter.binding.summary(), file=sys.stderr)
 
 
 def add_alias_option(p: argparse.ArgumentParser) -> None:
@@ -65,14 +88,16 @@ def _cmd_rewrite(args: argparse.Namespace) -> int:
     rules = _slot_rule(args)
     result = rewrite(args.model, args.output, adapter=args.adapter, rules=rules, strategy=args.strategy,
                      prefix=args.prefix, allow_pickle=args.allow_pickle, force=args.force, aliases=aliases(args),
-                     slots=args.slots)
+                     slots=args.slots, **_binding(args))
+    _report_keys(result.applied)
     summary = {
         "output": str(result.output),
         "strategy": result.strategy,
         "sites": len(result.report.sites),
-        "targets": len(result.targets),
+        "targets": len({t.site.path for t in result.targets}),
         "prefix": result.report.prefix,
         "bytes_written": result.stats.bytes_written,
+        "adapter_keys": [a.binding.to_dict() for a in result.applied if a.binding is not None],
     }
     text = f"{result.strategy}: {summary['targets']} of {summary['sites']} sites -> {result.output}"
     if result.requantization is not None:
@@ -89,20 +114,25 @@ def _cmd_rewrite(args: argparse.Namespace) -> int:
 
 def _cmd_inspect(args: argparse.Namespace) -> int:
     from lorapass.inspection import format_table, inspect_model
-    from lorapass.onnx.rewrite import resolve_inputs
+    from lorapass.onnx.rewrite import as_adapters
+    from lorapass.rules import RuleSet
 
-    adapter = rules = None
-    if args.adapter or args.rules:
-        adapter, rules = resolve_inputs(args.adapter, args.rules, args.allow_pickle)
-    result = inspect_model(args.model, adapter, rules, args.prefix, aliases(args))
+    adapters = as_adapters(args.adapter, args.allow_pickle)
+    if len(adapters) > 1:
+        raise RuleError("inspect takes one adapter")
+    rules = RuleSet.from_yaml(args.rules) if args.rules else None
+    result = inspect_model(args.model, adapters[0] if adapters else None, rules, args.prefix, aliases(args),
+                           **_binding(args))
     print(json.dumps(result.to_dict(), indent=2) if args.json else format_table(result))
     return 0
 
 
 def _cmd_export_adapter(args: argparse.Namespace) -> int:
-    from lorapass.ort_adapter import export_adapter
+    from lorapass.ort_adapter import bind_to, export_adapter
 
-    out = export_adapter(args.adapter, args.model, args.output, aliases(args))
+    adapters = bind_to(args.adapter, args.model, **_binding(args))
+    _report_keys(adapters)
+    out = export_adapter(adapters, args.model, args.output, aliases(args))
     print(f"wrote {out}")
     return 0
 
@@ -139,13 +169,16 @@ def build_parser() -> argparse.ArgumentParser:
     _add_selection(p)
     p.set_defaults(func=_cmd_inspect)
 
-    p = sub.add_parser("export-adapter", help="write a PEFT adapter as an ONNX Runtime adapter for a dynamic graph, "
+    p = sub.add_parser("export-adapter", help="write adapters as an ONNX Runtime adapter for a dynamic graph, "
                                               "or several as a bank file for a multi graph")
-    p.add_argument("adapter", nargs="+",
-                   help="PEFT adapter directory (several for a multi graph: ids 1, 2, ... in order)")
+    p.add_argument("adapter", nargs="+", metavar="PATH[:WEIGHT]",
+                   help="PEFT adapter directory or kohya / LyCORIS / diffusers LoRA file; several are blended for a "
+                        "dynamic graph (their weighted deltas summed, ranks concatenated) and ids 1, 2, ... for a "
+                        "multi graph")
     p.add_argument("--model", required=True,
                    help="the graph written by `lorapass rewrite --strategy dynamic` or `multi`")
     p.add_argument("-o", "--output", required=True, help="output .onnx_adapter")
+    _add_binding(p)
     add_alias_option(p)
     p.set_defaults(func=_cmd_export_adapter)
 

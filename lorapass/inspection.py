@@ -7,12 +7,13 @@ import os
 from dataclasses import dataclass, field
 
 from lorapass.adapter import Adapter
+from lorapass.formats.names import KeyReport
 from lorapass.errors import LorapassError
 from lorapass.onnx.load import load_model
 from lorapass.onnx.loss import summary
 from lorapass.onnx.merge import record
 from lorapass.onnx.storage import dry_run
-from lorapass.onnx.sites import SiteReport, find_sites
+from lorapass.onnx.sites import SiteReport
 from lorapass.plan import check_adapter, plan, select
 from lorapass.rules import LoraRule, RuleSet
 
@@ -28,6 +29,7 @@ class Inspection:
     unmatched_adapter_modules: dict[str, str | None] = field(default_factory=dict)  # module -> closest site
     modules: dict[str, dict] = field(default_factory=dict)  # adapter module -> its kind, sizes and notes
     requantization: dict | None = None  # what a merge would keep of the adapter's delta in quantized weights
+    binding: KeyReport | None = None  # a single file's modules bound to the sites
 
     def to_dict(self) -> dict:
         return {
@@ -40,6 +42,7 @@ class Inspection:
             "unsupported_nodes": [{"node": n, "reason": r} for n, r in self.report.unsupported],
             "sites": [s.to_dict() | {"target": self.hits.get(s.path)} for s in self.report.sites],
             "unmatched_adapter_modules": self.unmatched_adapter_modules,
+            "adapter_keys": self.binding.to_dict() if self.binding else None,
             "adapter_modules": self.modules,
             "problems": self.problems,
             "requantization": self.requantization,
@@ -47,11 +50,17 @@ class Inspection:
 
 
 def inspect_model(model: str | os.PathLike, adapter: Adapter | None = None, rules: LoraRule | RuleSet | None = None,
-                  prefix: str | None = None, aliases: dict[str, str] | None = None) -> Inspection:
-    """Find the sites of ``model`` and, given rules or an adapter, what a rewrite would target."""
+                  prefix: str | None = None, aliases: dict[str, str] | None = None, component: str | None = None,
+                  strict: bool = False, unet_config: str | os.PathLike | None = None) -> Inspection:
+    """Find the sites of ``model`` and, given rules or an adapter, what a rewrite would target (a single-file
+    adapter bound to the sites first, see :func:`lorapass.onnx.rewrite.find_and_bind`)."""
+    from lorapass.onnx.rewrite import find_and_bind
+
     aliases = {**(getattr(rules, "aliases", None) or {}), **(aliases or {})}
-    report = find_sites(load_model(model), prefix=prefix, wanted=adapter.modules if adapter else (), aliases=aliases)
-    result = Inspection(str(model), report)
+    report, bound = find_and_bind(load_model(model), [adapter] if adapter else [], prefix, component, strict,
+                                  unet_config, aliases)
+    adapter = bound[0] if bound else None
+    result = Inspection(str(model), report, binding=adapter.binding if adapter else None)
     paths = list(dict.fromkeys(s.path for s in report.sites))
     if adapter is not None:
         sites = {s.path: s for s in report.sites}
@@ -106,7 +115,8 @@ def format_table(result: Inspection) -> str:
             f"{hit['rule']} r={hit['r']} alpha={hit['alpha']:g} scale={hit['scale']:.4g}")
         if s.lora:
             target += f" (has LoRA: {s.lora})"
-        rows.append((s.path, s.op, s.layout, _packing(s), f"{s.in_features}->{s.out_features}", s.dtype,
+        shape = f"{s.in_features}->{s.out_features}" + (f" {'x'.join(map(str, s.kernel))}" if s.kernel else "")
+        rows.append((s.path, s.op, s.layout, _packing(s), shape, s.dtype,
                      f"{s.source} ({s.dialect})", target))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     lines += ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
@@ -119,6 +129,8 @@ def format_table(result: Inspection) -> str:
             notes = "; ".join(f"{k.replace('_', ' ')} {v}" for k, v in info.items() if k not in ("kind", "elements", "bytes"))
             lines.append(f"adapter module {module!r}: {info['kind']}, {info['elements']} elements "
                          f"({info['bytes'] / 2**20:.2f} MiB in the graph's dtype)" + (f"; {notes}" if notes else ""))
+    if result.binding is not None:
+        lines.append(result.binding.summary())
     for module, close in result.unmatched_adapter_modules.items():
         lines.append(f"adapter module {module!r} matches no site" + (f" (closest: {close!r})" if close else ""))
     lines += [f"problem: {p}" for p in result.problems]

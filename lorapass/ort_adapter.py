@@ -1,5 +1,6 @@
-"""ONNX Runtime adapters: write a PEFT adapter in onnxruntime's adapter format for a dynamic graph,
-and a session helper that runs a rewritten model with a chosen adapter (hot swap, no reload)."""
+"""ONNX Runtime adapters: write adapters (PEFT directories, kohya / LyCORIS / diffusers files, or a weighted blend
+of several) in onnxruntime's adapter format for a dynamic graph, and a session helper that runs a rewritten model
+with a chosen adapter (hot swap, no reload)."""
 
 from __future__ import annotations
 
@@ -11,13 +12,13 @@ from pathlib import Path
 import numpy as np
 import onnx_ir as ir
 
-from lorapass.adapter import Adapter, load_adapter
+from lorapass.adapter import Adapter
 from lorapass.atomic import Transaction
 from lorapass.errors import AdapterError, ModelError
 from lorapass.onnx.fold import read
 from lorapass.onnx.load import load_model
 from lorapass.onnx.sites import find_sites
-from lorapass.onnx.slots import METADATA_KEY, Slot, from_record
+from lorapass.onnx.slots import METADATA_KEY, SITES_KEY, Slot, from_record
 from lorapass.provenance import input_files
 from lorapass.site import Site
 
@@ -76,8 +77,36 @@ class _ModelWeights:
         return read(value.const_value).astype(np.float32)
 
 
-def adapter_parameters(adapter: Adapter | Sequence[Adapter], model: str | os.PathLike, graph: ir.Model | None = None,
-                       aliases: dict[str, str] | None = None) -> dict[str, np.ndarray]:
+def site_paths(model: str | os.PathLike, graph: ir.Model) -> list[str]:
+    """The site paths of a dynamic model's base (``lorapass.sites``; its slot paths for graphs written before)."""
+    text = graph.metadata_props.get(SITES_KEY)
+    if text is None:
+        return [path for slot in slots_of(model, graph)[0] for path in slot.paths]
+    try:
+        paths = json.loads(text)
+    except (ValueError, RecursionError) as exc:
+        raise ModelError(f"{model}: metadata {SITES_KEY!r} is not valid JSON ({exc})") from None
+    if not isinstance(paths, list) or not all(isinstance(p, str) for p in paths):
+        raise ModelError(f"{model}: metadata {SITES_KEY!r} must be a JSON list of site paths")
+    return paths
+
+
+def bind_to(adapter, model: str | os.PathLike, component: str | None = None, strict: bool = False,
+            unet_config: str | os.PathLike | None = None, graph: ir.Model | None = None) -> list[Adapter]:
+    """``adapter`` (one or several: Adapter, path or ``PATH:WEIGHT``) loaded, single files bound to the site paths
+    of the dynamic graph ``model``'s base (see :func:`lorapass.formats.names.bind`)."""
+    from lorapass.formats.names import bind
+    from lorapass.formats.sgm import UnetLayout
+    from lorapass.onnx.rewrite import as_adapters
+
+    paths = site_paths(model, graph if graph is not None else load_model(model))
+    layout = UnetLayout.from_config(unet_config) if unet_config is not None else None
+    return [bind(a, paths, component, layout, strict) for a in as_adapters(adapter)]
+
+
+def adapter_parameters(adapter, model: str | os.PathLike, graph: ir.Model | None = None,
+                       aliases: dict[str, str] | None = None, component: str | None = None, strict: bool = False,
+                       unet_config: str | os.PathLike | None = None) -> dict[str, np.ndarray]:
     """The adapter's values for the dynamic graph's slot inputs (each slot says how, and checks the shapes).
 
     Uses the graph's own ``lorapass.lora`` records for which module paths have slots and each adapter module's
@@ -85,18 +114,20 @@ def adapter_parameters(adapter: Adapter | Sequence[Adapter], model: str | os.Pat
     (graph components -> the adapter's) rename the slots' paths to the adapter's module names. Values that
     depend on base weights (DoRA's factor, token rows) read them from the graph. Slots whose defaults hold the
     adapter the graph was built with get neutral values when this adapter has nothing for them. A multi graph
-    takes several adapters (ids 1, 2, ... in order): every bank is written, stacked for them.
+    takes several adapters (ids 1, 2, ... in order): every bank is written, stacked for them; a dynamic graph takes
+    them as one blend (on each slot their modules' ranks concatenated, each file's weight and scale folded in).
+    Adapters are Adapter objects, paths or ``PATH:WEIGHT``; single files are bound to the base's site paths first
+    (``component``, ``strict``, ``unet_config`` as for rewrite).
     """
     from lorapass.onnx.dialects import Dialect
 
-    adapters = [adapter] if isinstance(adapter, Adapter) else list(adapter)
     rename = Dialect("alias", aliases=aliases or {}).module_path
     graph = graph if graph is not None else load_model(model)
+    adapters = bind_to(adapter, model, component, strict, unet_config, graph)
     slots, dtypes = slots_of(model, graph)
     banked = any(slot.banked for slot in slots)
-    if not adapters or (len(adapters) > 1 and not banked):
-        raise AdapterError(f"{model}: a dynamic graph takes one adapter per file, not {len(adapters)} (a graph "
-                           "rewritten with --strategy multi takes several)")
+    if not adapters:
+        raise AdapterError(f"{model}: no adapter given")
     known = {rename(path) for slot in slots for path in slot.paths}
     suffix = "_bank" if banked else ""
     for a in adapters:
@@ -110,14 +141,33 @@ def adapter_parameters(adapter: Adapter | Sequence[Adapter], model: str | os.Pat
     weights = _ModelWeights(model, graph, sorted({path for slot in slots for path in slot.paths}))
     for a in adapters:
         _check_covered(a, slots, rename, weights, model)
+    blended = _blended(adapters) if not banked and len(adapters) > 1 else None
     values: dict[str, np.ndarray] = {}
     for slot in slots:
         chosen = [{path: a.modules[rename(path)] for path in slot.paths if rename(path) in a.modules} for a in adapters]
+        if blended is not None:
+            chosen = [{path: blended[rename(path)] for path in slot.paths if rename(path) in blended}]
         if slot.banked:
             values |= slot.stacked(chosen)
         elif chosen[0] or slot.record.get("default") == "adapter":  # else the graph's neutral defaults stay
             values |= slot.values_for(chosen[0], weights)
     return {name: np.ascontiguousarray(array, dtype=dtypes.get(name, np.float32)) for name, array in values.items()}
+
+
+def _blended(adapters: list[Adapter]) -> dict:
+    """Module path -> the adapters' modules there as one (a Blend where several have one; plain low-rank only)."""
+    from lorapass.kinds import Blend
+
+    found: dict[str, list] = {}
+    for a in adapters:
+        for path, kind in a.modules.items():
+            found.setdefault(path, []).append(kind)
+    for path, kinds in found.items():
+        other = next((k for k in kinds if not k.additive), None) if len(kinds) > 1 else None
+        if other is not None:
+            raise AdapterError(f"{other.source}: {other.key()} ({other.name} at {path!r}) is not a plain low-rank "
+                               "delta, so it cannot be blended with another adapter's; export it on its own")
+    return {path: kinds[0] if len(kinds) == 1 else Blend(kinds) for path, kinds in found.items()}
 
 
 def _check_covered(adapter: Adapter, slots: list[Slot], rename, weights: _ModelWeights, model) -> None:
@@ -139,14 +189,15 @@ def _check_covered(adapter: Adapter, slots: list[Slot], rename, weights: _ModelW
 
 
 def export_adapter(adapter_dir: str | os.PathLike | Adapter | Sequence, model: str | os.PathLike,
-                   output: str | os.PathLike, aliases: dict[str, str] | None = None) -> Path:
-    """Write ``output`` (.onnx_adapter) holding the adapter's weights for the dynamic graph ``model``, or the
-    banks of several adapters (ids 1, 2, ... in order) for a multi graph."""
+                   output: str | os.PathLike, aliases: dict[str, str] | None = None, component: str | None = None,
+                   strict: bool = False, unet_config: str | os.PathLike | None = None) -> Path:
+    """Write ``output`` (.onnx_adapter) holding the adapter's weights (several: their blend) for the dynamic graph
+    ``model``, or the banks of several adapters (ids 1, 2, ... in order) for a multi graph (see
+    :func:`adapter_parameters`)."""
     import onnxruntime as ort
 
-    given = list(adapter_dir) if isinstance(adapter_dir, (list, tuple)) else [adapter_dir]
-    adapters = [a if isinstance(a, Adapter) else load_adapter(a) for a in given]
     graph = load_model(model)
+    adapters = bind_to(adapter_dir, model, component, strict, unet_config, graph)
     params = adapter_parameters(adapters, model, graph, aliases)
     fmt = ort.AdapterFormat()
     fmt.set_parameters({k: ort.OrtValue.ortvalue_from_numpy(v) for k, v in params.items()})

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 from lorapass.adapter import Adapter
 from lorapass.errors import AdapterError, RuleError, UnsupportedError
-from lorapass.kinds import Kind
+from lorapass.kinds import Blend, Kind
 from lorapass.rules import LoraParams, LoraRule, RuleSet
 from lorapass.site import Site
 
@@ -95,3 +95,24 @@ def check_adapter(targets: list[Target], adapter: Adapter, paths: list[str]) -> 
             f"e.g. {missing[:3]}")
     for target in targets:
         adapter.modules[target.site.path].check(target.site)
+
+
+def blend(targets: list[Target]) -> list[Target]:
+    """One target per site: several adapters' modules on one site become one :class:`~lorapass.kinds.Blend`
+    (their weighted deltas summed as one low-rank update), for a dynamic slot or an adapter file."""
+    by_site: dict[int, list[Target]] = {}
+    for t in targets:  # every adapter's plan holds the same site objects (nodes of two If branches may share names)
+        by_site.setdefault(id(t.site), []).append(t)
+    out = []
+    for group in by_site.values():
+        if len(group) == 1:
+            out.append(group[0])
+            continue
+        other = next((t.module for t in group if not t.module.additive), None)
+        if other is not None:
+            raise UnsupportedError(f"{other.source}: {other.key()} ({other.name} at {group[0].site.path!r}) is not a "
+                                   "plain low-rank delta, so it cannot share a dynamic slot with another adapter's; "
+                                   "merge them, or export each file on its own and swap them")
+        module = Blend([t.module for t in group])
+        out.append(Target(group[0].site, group[0].rule, LoraParams(r=module.r, alpha=module.alpha, scale=1.0), module))
+    return out

@@ -25,6 +25,8 @@ class Site:
     linear, more for packed or quantized weights). ``bias_storage`` is the view of its bias (one that adds a bias
     when the layer has none). An embedding site (``kind="embedding"``) has ``in_features`` = rows of its table,
     ``out_features`` = the embedding width, and reads the ids.
+    A convolution's ``in_features``/``out_features`` are its channels and ``kernel`` its spatial kernel size
+    (empty for a linear).
 
     ``packed`` is the path of the packed node a ``packed`` site is a row block of (the sites of one packed node
     share its dynamic slot); ``joins`` lists (value, rows) for a module an exporter split over several nodes
@@ -50,6 +52,7 @@ class Site:
     packed: str | None = None
     joins: tuple[tuple[str, int], ...] = ()
     lora: str | None = None
+    kernel: tuple[int, ...] = ()
     storage: Any = field(default=None, compare=False, repr=False)
     bias_storage: Any = field(default=None, compare=False, repr=False)
 

@@ -22,7 +22,7 @@ from onnx import numpy_helper
 
 from lorapass import dequant
 from lorapass.adapter import Adapter, load_adapter
-from lorapass.errors import ModelError
+from lorapass.errors import ModelError, UnsupportedError
 from lorapass.onnx.load import load_model
 from lorapass.onnx.sites import find_sites
 from lorapass.plan import Target, plan
@@ -361,6 +361,9 @@ def verify(base: str | os.PathLike, rewritten: str | os.PathLike, adapter: str |
         raise ValueError(f"tolerances must be >= 0 (tol={tol}, atol={atol})")
     base, rewritten = Path(base), Path(rewritten)
     adapter = adapter if isinstance(adapter, Adapter) else load_adapter(adapter)
+    if adapter.namespace is not None:
+        raise UnsupportedError(f"{adapter.source}: verify's independent reference reads PEFT adapter directories; "
+                               f"check a {adapter.format} file against the library that made it")
     report = find_sites(load_model(base), prefix=prefix, wanted=adapter.modules, aliases=aliases)
     targets = plan(report.sites, adapter.rule, report.output_heads, adapter)
     load_model(rewritten)  # typed errors for a missing or corrupt file

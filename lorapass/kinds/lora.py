@@ -1,5 +1,10 @@
 """Low-rank kinds: plain LoRA (``W += scale · B @ A``, optionally with PEFT's ``lora_bias``), its embedding form, and
-DoRA on both (PEFT's ``DoraLinearLayer`` / ``DoraEmbeddingLayer``)."""
+DoRA on both (PEFT's ``DoraLinearLayer`` / ``DoraEmbeddingLayer``).
+
+On a convolution A is a kernel [r, in, kh, kw] and B a 1x1 kernel [out, r, 1, 1] (kohya's LoCon, PEFT's Conv2d
+LoRA): the delta is ``(B @ A.reshape(r, -1)).reshape(out, in, kh, kw)``. :class:`LoraCP` is LoCon's CP form: a 1x1
+A, a mid kernel [r, r, kh, kw] and B (LyCORIS ``lora_mid``).
+"""
 
 from __future__ import annotations
 
@@ -10,6 +15,7 @@ import numpy as np
 from lorapass.errors import ShapeMismatchError
 from lorapass.formats.tensors import TensorRef
 from lorapass.kinds.base import Kind
+from lorapass.kinds.lowrank import LowRank, check_shapes
 from lorapass.site import Site
 
 
@@ -39,19 +45,19 @@ class Lora(Kind):
         return keys | ({"lora_bias": self.bias.key} if self.bias is not None else {})
 
     def check_own(self, site: Site) -> None:
-        expected = {"lora_A": (self.r, site.in_features), "lora_B": (site.out_features, self.r), "lora_bias": (site.out_features,)}
-        for role, ref in (("lora_A", self.a), ("lora_B", self.b), ("lora_bias", self.bias)):
-            if ref is not None and ref.shape != expected[role]:
-                raise ShapeMismatchError(
-                    f"{self.source}: {ref.key} has shape {list(ref.shape)}, site {site.path!r} ({site.op} "
-                    f"{site.node!r}, {site.in_features}->{site.out_features}, r={self.r}) needs {list(expected[role])}")
+        ones = (1,) * len(site.kernel)  # a convolution: A is a kernel, B a 1x1 kernel
+        check_shapes(self, site, {"lora_A": (self.a, (self.r, site.in_features, *site.kernel)),
+                                  "lora_B": (self.b, (site.out_features, self.r, *ones)),
+                                  "lora_bias": (self.bias, (site.out_features,))})
 
     def own_parts(self) -> set[str]:
         return {"low_rank"}
 
     def low_rank(self) -> tuple[np.ndarray, np.ndarray]:
-        """(up [rows, r], down [r, cols]) float32 with up @ down = the delta in the site's torch layout, scale folded in."""
-        return self.b.read() * np.float32(self.scale), self.a.read()
+        """(up [rows, r], down [r, cols]) float32 with up @ down = the delta in the site's torch layout (a convolution's
+        [out, in·kh·kw]), scale folded in."""
+        b, a = self.b.read(), self.a.read()
+        return b.reshape(b.shape[0], -1) * np.float32(self.scale), a.reshape(a.shape[0], -1)
 
     def lora_bias(self) -> np.ndarray | None:
         """The branch's bias times the scale [out], or None."""
@@ -136,3 +142,32 @@ class EmbeddingDora(_Magnitude, EmbeddingLora):
 
     name = "embedding dora"
     output_axis = 1
+
+
+class LoraCP(LowRank, Lora):
+    """LoCon's CP form on a kxk convolution: A [r, in, 1, 1], mid [r, r, kh, kw], B [out, r, 1, 1]; the delta is
+    ``einsum('nmkl,in,mj->ijkl', mid, B, A)`` (LyCORIS ``rebuild_tucker``)."""
+
+    name = "locon cp"
+    site_kinds = ("conv",)
+
+    def __init__(self, path: str, source: Path, a: TensorRef, mid: TensorRef, b: TensorRef, r: int, alpha: float,
+                 scale: float) -> None:
+        super().__init__(path, source, a, b, r, alpha, scale)
+        self.mid = mid
+
+    def own_keys(self) -> dict[str, str]:
+        return {"lora_A": self.a.key, "lora_mid": self.mid.key, "lora_B": self.b.key}
+
+    def check_own(self, site: Site) -> None:
+        ones = (1,) * len(site.kernel)
+        check_shapes(self, site, {"lora_A": (self.a, (self.r, site.in_features, *ones)),
+                                  "lora_mid": (self.mid, (self.r, self.r, *site.kernel)),
+                                  "lora_B": (self.b, (site.out_features, self.r, *ones))})
+
+    def low_rank(self) -> tuple[np.ndarray, np.ndarray]:
+        up, down = super().low_rank()  # down: [r, in]
+        return up, np.einsum("nm...,mj->nj...", self.mid.read(), down).reshape(self.r, -1)
+
+    def _refs(self) -> list[TensorRef]:
+        return [self.mid, *super()._refs()]

@@ -20,13 +20,13 @@ import onnx_ir as ir
 from lorapass.errors import UnsupportedError
 from lorapass.onnx.edit import reroute
 from lorapass.onnx.fold import read
-from lorapass.onnx.slots import (METADATA_KEY, Branch, EmbeddingSlot, LinearSlot, PackedSlot, ReplaceSlot, Slot,
-                                 TokensSlot)
+from lorapass.onnx.slots import (METADATA_KEY, Branch, ConvSlot, EmbeddingSlot, LinearSlot, PackedSlot, ReplaceSlot,
+                                 Slot, TokensSlot)
 from lorapass.plan import Target
 from lorapass.site import Site
 
 SLOT_TYPES: dict[str, list[type[Slot]]] = {"linear": [LinearSlot, ReplaceSlot, TokensSlot], "packed": [PackedSlot],
-                                           "embedding": [EmbeddingSlot, ReplaceSlot, TokensSlot]}
+                                           "embedding": [EmbeddingSlot, ReplaceSlot, TokensSlot], "conv": [ConvSlot]}
 """Site kind -> the slot types a dynamic rewrite may give it, in the order they join; targets get each one that
 ``wants`` one of them (a LoRA-ready target, without an adapter module, wants the first)."""
 

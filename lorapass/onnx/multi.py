@@ -109,6 +109,10 @@ def insert_banks(model: ir.Model, targets: Sequence[Sequence[Target]], names: Se
             kind = type(t.module).__name__
             raise UnsupportedError(f"{t.module.source}: {t.module.key()} ({kind} at {t.site.path!r}) is not an "
                                    "additive low-rank delta; PEFT refuses it in mixed batches too")
+    convs = sorted({t.site.path for t in flat if t.site.kind == "conv"})
+    if convs:
+        raise UnsupportedError(f"strategy multi has no banks for convolutions ({len(convs)} targeted, e.g. "
+                               f"{convs[:3]}); use strategy dynamic and one adapter file per request")
     g = SlotGraph(model)
     ids, first = _rows(g.graph)
     by_slot: dict[str, list[Target]] = defaultdict(list)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Collection, Mapping
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass, field, replace
 
 import onnx_ir as ir
@@ -17,6 +17,8 @@ from lorapass.site import Site
 
 _PASS_THROUGH = {"Reshape", "Cast", "Identity", "Squeeze", "Unsqueeze", "Flatten"}
 NAMESPACE = "namespace"
+_MODEL_PACKAGES = ("transformers.models.", "diffusers.models.")
+Spell = Callable[[list[str]], set[str]]
 
 
 @dataclass
@@ -55,13 +57,13 @@ class SiteReport:
 
 
 def _root_scope(node: ir.Node) -> str | None:
-    """The scope of the outermost transformers model in the dynamo exporter's ``namespace`` record."""
+    """The scope of the outermost transformers or diffusers model in the dynamo exporter's ``namespace`` record."""
     text = node.metadata_props.get(NAMESPACE)
     if not text:
         return None
     for entry in text.split("/"):
         scope, _, cls = entry.partition(": ")
-        if cls.strip().startswith("transformers.models."):
+        if cls.strip().startswith(_MODEL_PACKAGES):
             return scope.strip()
     return None
 
@@ -70,16 +72,18 @@ def strip_prefix(path: str, prefix: str) -> str:
     return path[len(prefix) + 1:] if prefix and path.startswith(prefix + ".") else path
 
 
-def guess_prefix(paths: list[str], wanted: Collection[str]) -> str:
-    """The leading scope whose removal makes the most ``wanted`` module paths exist in the graph."""
+def guess_prefix(paths: list[str], wanted: Collection[str], spell: Spell | None = None) -> str:
+    """The leading scope whose removal makes the most ``wanted`` module names exist in the graph; ``spell`` gives
+    the names an adapter would write for a list of site paths (default: the paths themselves)."""
     candidates = {""}
     for path in paths:
         parts = path.split(".")
         candidates.update(".".join(parts[:k]) for k in range(1, min(3, len(parts))))
     wanted = set(wanted)
+    spell = spell or set
 
     def hits(prefix: str) -> int:
-        return len(wanted & {strip_prefix(p, prefix) for p in paths if not prefix or p.startswith(prefix + ".")})
+        return len(wanted & spell([strip_prefix(p, prefix) for p in paths if not prefix or p.startswith(prefix + ".")]))
 
     return max(sorted(candidates, key=len), key=hits)
 
@@ -137,14 +141,14 @@ def _existing_lora(model: ir.Model, branches: list[Branch]) -> tuple[dict[ir.Val
 
 
 def find_sites(model: ir.Model, prefix: str | None = None, wanted: Collection[str] = (),
-               aliases: Mapping[str, str] | None = None) -> SiteReport:
+               aliases: Mapping[str, str] | None = None, spell: Spell | None = None) -> SiteReport:
     """Every adaptable layer the site patterns recognise, named by module path.
 
     ``prefix`` is the wrapper scope to strip (``m`` for a module that holds the model as ``self.m``);
     when None it is read from the dynamo exporter's class records, else chosen so that the most
-    ``wanted`` paths (e.g. an adapter's module names; a path -> kind mapping also gives packed row counts)
-    exist. The exporter's dialect (:mod:`lorapass.onnx.dialects`) maps its names to PEFT's; ``aliases``
-    (graph components -> PEFT's) go on top. Packed nodes become row-block sites, split modules one site
+    ``wanted`` paths (e.g. an adapter's module names, as ``spell`` writes site paths; a path -> kind mapping also
+    gives packed row counts) exist. The exporter's dialect (:mod:`lorapass.onnx.dialects`) maps its names to PEFT's;
+    ``aliases`` (graph components -> PEFT's) go on top. Packed nodes become row-block sites, split modules one site
     (:mod:`lorapass.onnx.packing`); nodes of LoRA branches already in the graph are never sites.
     """
     matches, unsupported, branches = _matches(model)
@@ -177,7 +181,7 @@ def find_sites(model: ir.Model, prefix: str | None = None, wanted: Collection[st
     elif len(root_scopes) == 1:
         chosen, prefix_source = root_scopes.pop(), "exporter class records"
     elif wanted:
-        chosen, prefix_source = guess_prefix([p for _, p, _ in named], wanted), "adapter module names"
+        chosen, prefix_source = guess_prefix([p for _, p, _ in named], wanted, spell), "adapter module names"
     else:
         chosen, prefix_source = "", "none"
 
@@ -205,6 +209,7 @@ def find_sites(model: ir.Model, prefix: str | None = None, wanted: Collection[st
                 kind=m.kind,
                 dialect=dialect.name,
                 lora=joined.get(m.output),
+                kernel=m.kernel,
                 storage=m.storage,
                 bias_storage=m.bias_storage,
             )

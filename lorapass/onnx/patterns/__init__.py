@@ -32,6 +32,7 @@ class Match:
     out_features: int
     dtype: str  # the activation's element type (the branch computes in it)
     bias_storage: View | None = None  # the bias as a storage view (one that adds it when the layer has none)
+    kernel: tuple[int, ...] = ()  # a convolution's spatial kernel size
 
 
 @dataclass
@@ -83,9 +84,9 @@ def weight_constant(value: ir.Value | None, rank: int = 2) -> ir.Value | None:
 
 
 def _patterns() -> list[Pattern]:
-    from lorapass.onnx.patterns import embedding, integer, linear, lora, nbits, qdq
+    from lorapass.onnx.patterns import conv, embedding, integer, linear, lora, nbits, qdq
 
-    return [lora.match, linear.match, nbits.match, qdq.match, integer.match, embedding.match]
+    return [lora.match, linear.match, conv.match, nbits.match, qdq.match, integer.match, embedding.match]
 
 
 PATTERNS: list[Pattern] = _patterns()

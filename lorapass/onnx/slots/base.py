@@ -18,6 +18,8 @@ METADATA_KEY = "lorapass.lora"
 """Model metadata: JSON list with one record per slot ({slot, path, inputs, in, out, r, alpha, scale, ...}).
 A record with ``"default": "adapter"`` holds an adapter's values as its defaults (else neutral ones); ``module``
 names the adapter module that feeds it when that is not ``path`` (a tied head)."""
+SITES_KEY = "lorapass.sites"
+"""Model metadata of a dynamic graph: JSON list of every site path of its base (to bind single files later)."""
 
 
 class Weights(Protocol):
