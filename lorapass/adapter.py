@@ -7,9 +7,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from lorapass.kinds import Kind
 from lorapass.rules import LoraRule
+
+if TYPE_CHECKING:
+    from lorapass.formats.names import KeyReport, Namespace
 
 
 @dataclass
@@ -22,10 +26,16 @@ class Adapter:
     format: str = "peft"
     files: list[Path] = field(default_factory=list)  # every file read (provenance, output collision checks)
     weight: float = 1.0  # the user multiplier already folded into every module's scale
+    namespace: Namespace | None = None  # how a single file spells module paths (None: they are site paths)
+    binding: KeyReport | None = None  # after binding a single file to a graph: which modules matched which sites
 
     @property
     def directory(self) -> Path:
         return self.source
+
+    def spelled(self, paths: list[str]) -> set[str]:
+        """The module names this adapter would give ``paths`` (the paths themselves unless the file spells them)."""
+        return set(paths) if self.namespace is None else self.namespace.all_spelled(paths)
 
     def key(self, module: str, role: str | None = None) -> str:
         """The file key of one tensor of ``module`` (its first when ``role`` is None), for messages."""

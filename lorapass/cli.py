@@ -20,55 +20,107 @@ from contextlib import nullcontext
 from lorapass import progress, shorthand
 from lorapass.atomic import Terminated
 from lorapass.cost.cli import add_analyse_parser, add_calibrate_parser
-from lorapass.errors import LorapassError, LorapassWarning
+from lorapass.errors import LorapassError, LorapassWarning, RuleError
 from lorapass.fx.cli import add_export_parser
 
 
 def _add_selection(p: argparse.ArgumentParser) -> None:
     p.add_argument("--adapter", metavar="PATH[:WEIGHT]", action="append",
-                   help="adapter: a PEFT directory (adapter_config.json + adapter_model.safetensors); WEIGHT "
-                        "multiplies its scale; several --adapter merge as the sum of their deltas")
+                   help="adapter: a PEFT directory (adapter_config.json + adapter_model.safetensors) or a kohya / "
+                        "LyCORIS / diffusers .safetensors LoRA file; WEIGHT multiplies its scale; several --adapter "
+                        "merge as the sum of their deltas")
     p.add_argument("--rules", metavar="FILE", help="YAML rules; default: the adapter's own config")
     p.add_argument("--prefix", help="wrapper scope to strip from module paths (default: detected)")
+    add_alias_option(p)
     p.add_argument("--allow-pickle", action="store_true",
                    help="read adapter_model.bin (torch.load with weights_only=True) when no safetensors file exists")
+    _add_binding(p)
+
+
+def _add_binding(p: argparse.ArgumentParser) -> None:
+    """Options binding single-file adapters (kohya, LyCORIS, diffusers) to a graph's sites."""
+    p.add_argument("--component", choices=["unet", "text_encoder", "text_encoder_2", "transformer"],
+                   help="which model of a file holding several this graph is (default: detected from the graph)")
+    p.add_argument("--strict", action="store_true", help="fail when a module of the file matches no site")
+    p.add_argument("--unet-config", metavar="CONFIG_JSON",
+                   help="diffusers UNet config.json giving the block layout for SGM-named (SDXL kohya) files "
+                        "(default: read from the graph)")
+
+
+def _binding(args: argparse.Namespace) -> dict:
+    return {"component": args.component, "strict": args.strict, "unet_config": args.unet_config}
+
+
+def _report_keys(adapters) -> None:
+    """Each single file's matched / unmatched modules, on stderr."""
+    for adapter in adapters:
+        if adapter.binding is not None:
+            print(adapter.binding.summary(), file=sys.stderr)
+
+
+def add_alias_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--alias", action="append", metavar="GRAPH=PEFT",
+                   help="rename a module path component of the graph to PEFT's (e.g. attn=self_attn), on top of the "
+                        "detected exporter dialect; repeatable")
+
+
+def aliases(args: argparse.Namespace) -> dict[str, str]:
+    from lorapass.onnx.dialects import parse_aliases
+
+    return parse_aliases(args.alias)
 
 
 def _cmd_rewrite(args: argparse.Namespace) -> int:
     from lorapass.onnx.rewrite import rewrite
 
-    rules = shorthand.rule(args, "slots", "dynamic") or args.rules
+    rules = shorthand.rule(args, "slots", "multi" if args.slots else "dynamic", use_dora=args.dora) or args.rules
     result = rewrite(args.model, args.output, adapter=args.adapter, rules=rules, strategy=args.strategy,
-                     prefix=args.prefix, allow_pickle=args.allow_pickle, force=args.force)
+                     prefix=args.prefix, allow_pickle=args.allow_pickle, force=args.force, aliases=aliases(args),
+                     slots=args.slots, **_binding(args))
+    _report_keys(result.applied)
     summary = {
         "output": str(result.output),
         "strategy": result.strategy,
         "sites": len(result.report.sites),
-        "targets": len(result.targets),
+        "targets": len({t.site.path for t in result.targets}),
         "prefix": result.report.prefix,
         "bytes_written": result.stats.bytes_written,
+        "adapter_keys": [a.binding.to_dict() for a in result.applied if a.binding is not None],
     }
-    print(json.dumps(summary) if args.json else
-          f"{result.strategy}: {summary['targets']} of {summary['sites']} sites -> {result.output}")
+    text = f"{result.strategy}: {summary['targets']} of {summary['sites']} sites -> {result.output}"
+    if result.requantization is not None:
+        summary["requantization"] = result.requantization
+        if result.requantization["warning"]:
+            print(f"lorapass: warning: {result.requantization['warning']}", file=sys.stderr)
+        text += f" ({result.requantization['delta_kept']:.1%} of the delta kept by requantization)"
+    if result.strategy == "multi":
+        summary["lora_ids"] = [None, *result.adapters]  # index = id; None: the base (0) or an empty slot
+        text += "; lora_ids 0=base " + " ".join(f"{k}={n or '(empty)'}" for k, n in enumerate(result.adapters, 1))
+    print(json.dumps(summary) if args.json else text)
     return 0
 
 
 def _cmd_inspect(args: argparse.Namespace) -> int:
     from lorapass.inspection import format_table, inspect_model
-    from lorapass.onnx.rewrite import resolve_inputs
+    from lorapass.onnx.rewrite import as_adapters
+    from lorapass.rules import RuleSet
 
-    adapter = rules = None
-    if args.adapter or args.rules:
-        adapter, rules = resolve_inputs(args.adapter, args.rules, args.allow_pickle)
-    result = inspect_model(args.model, adapter, rules, args.prefix)
+    adapters = as_adapters(args.adapter, args.allow_pickle)
+    if len(adapters) > 1:
+        raise RuleError("inspect takes one adapter")
+    rules = RuleSet.from_yaml(args.rules) if args.rules else None
+    result = inspect_model(args.model, adapters[0] if adapters else None, rules, args.prefix, aliases(args),
+                           **_binding(args))
     print(json.dumps(result.to_dict(), indent=2) if args.json else format_table(result))
     return 0
 
 
 def _cmd_export_adapter(args: argparse.Namespace) -> int:
-    from lorapass.ort_adapter import export_adapter
+    from lorapass.ort_adapter import bind_to, export_adapter
 
-    out = export_adapter(args.adapter, args.model, args.output)
+    adapters = bind_to(args.adapter, args.model, **_binding(args))
+    _report_keys(adapters)
+    out = export_adapter(adapters, args.model, args.output, aliases(args))
     print(f"wrote {out}")
     return 0
 
@@ -76,7 +128,8 @@ def _cmd_export_adapter(args: argparse.Namespace) -> int:
 def _cmd_verify(args: argparse.Namespace) -> int:
     from lorapass.verify import verify
 
-    report = verify(args.base, args.rewritten, args.adapter, args.inputs, args.tol, prefix=args.prefix, atol=args.atol)
+    report = verify(args.base, args.rewritten, args.adapter, args.inputs, args.tol, prefix=args.prefix, atol=args.atol,
+                    aliases=aliases(args))
     if args.json:
         print(json.dumps(report.to_dict(), indent=2))
     else:
@@ -107,13 +160,21 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("rewrite", help="apply a LoRA adapter or rules to an ONNX model")
     p.add_argument("model", help="input .onnx (never modified)")
     p.add_argument("-o", "--output", required=True, help="output .onnx (external data beside it as <name>.data)")
-    p.add_argument("--strategy", choices=["merge", "dynamic"], help="default: the rules' own strategy")
+    p.add_argument("--strategy", choices=["merge", "dynamic", "multi"],
+                   help="default: the rules' own strategy; multi: every --adapter in one graph, chosen per batch row "
+                        "by the lora_ids input (0 = base, k = the k-th --adapter)")
     p.add_argument("--json", action="store_true", help="print a JSON summary")
     p.add_argument("--force", action="store_true",
                    help="rewrite even a graph with lorapass LoRA slots, or one lorapass already merged this adapter into")
     _add_selection(p)
-    shorthand.add_arguments(p, "LoRA-ready slots (dynamic, no adapter): zero weights, output equals the base",
-                            "default slot rank (adapters of any rank fit later)")
+    slots = shorthand.add_arguments(p, "LoRA-ready slots (dynamic, no adapter): zero weights, output equals the base",
+                                    "default slot rank (adapters of any rank fit later)")
+    slots.add_argument("--dora", action="store_true",
+                       help="DoRA-ready slots: a per-output factor input (ones by default) for DoRA adapters; plain "
+                            "LoRA adapters run on them too")
+    slots.add_argument("--slots", type=int, metavar="N",
+                       help="multi: banks of N adapter slots (empty ones after any --adapter; "
+                            "fill them with export-adapter)")
     p.set_defaults(func=_cmd_rewrite)
 
     p = sub.add_parser("inspect", help="list the sites of an ONNX model and what rules or an adapter target")
@@ -122,10 +183,17 @@ def build_parser() -> argparse.ArgumentParser:
     _add_selection(p)
     p.set_defaults(func=_cmd_inspect)
 
-    p = sub.add_parser("export-adapter", help="write a PEFT adapter as an ONNX Runtime adapter for a dynamic graph")
-    p.add_argument("adapter", help="PEFT adapter directory")
-    p.add_argument("--model", required=True, help="the dynamic graph written by `lorapass rewrite --strategy dynamic`")
+    p = sub.add_parser("export-adapter", help="write adapters as an ONNX Runtime adapter for a dynamic graph, "
+                                              "or several as a bank file for a multi graph")
+    p.add_argument("adapter", nargs="+", metavar="PATH[:WEIGHT]",
+                   help="PEFT adapter directory or kohya / LyCORIS / diffusers LoRA file; several are blended for a "
+                        "dynamic graph (their weighted deltas summed, ranks concatenated) and ids 1, 2, ... for a "
+                        "multi graph")
+    p.add_argument("--model", required=True,
+                   help="the graph written by `lorapass rewrite --strategy dynamic` or `multi`")
     p.add_argument("-o", "--output", required=True, help="output .onnx_adapter")
+    _add_binding(p)
+    add_alias_option(p)
     p.set_defaults(func=_cmd_export_adapter)
 
     p = sub.add_parser("verify", help="compare a rewritten model with the base merged by an independent numpy path")
@@ -138,6 +206,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--atol", type=_tolerance, default=0.0,
                    help="absolute allowance added to it: pass when max |error| <= atol + rtol * max |reference| (default 0)")
     p.add_argument("--prefix", help="wrapper scope to strip from module paths (default: detected)")
+    add_alias_option(p)
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=_cmd_verify)
 

@@ -89,7 +89,7 @@ def stamp(model: ir.Model, source: str | os.PathLike, adapters: list[Adapter], s
     """Refuse a second application of LoRA (see the module doc), then append this rewrite's record to ``model``."""
     history = records(model, source, force)
     if METADATA_KEY in model.metadata_props:
-        if strategy == "dynamic":
+        if strategy in ("dynamic", "multi"):
             raise UnsupportedError(f"{source}: already has lorapass dynamic LoRA slots (metadata {METADATA_KEY!r}); "
                                    "a second set of slots is not supported: rewrite the base model (one dynamic "
                                    "graph serves any number of adapters through export-adapter)")

@@ -16,11 +16,12 @@ relative to the PEFT model root (``model.layers.0.self_attn.q_proj``):
 * ``rank_pattern``/``alpha_pattern``: the first key (in order) with ``re.match(rf"(.*\\.)?({key})$", path)`` wins.
 
 :meth:`LoraRule.from_peft_config` refuses (``UnsupportedError``) what a plain ``W += scale * B @ A`` merge would
-get silently wrong: ``peft_type`` other than LORA, ``use_dora``, ``bias`` other than "none", ``lora_bias``,
-``modules_to_save``, ``target_parameters``, ``layer_replication``, ``trainable_token_indices``,
+get silently wrong: ``peft_type`` other than LORA (LoHa, LoKr, IA3, ...), ``target_parameters``, ``layer_replication``,
 ``alora_invocation_tokens`` (aLoRA), ``use_qalora``, ``use_bdlora``, ``arrow_config``, ``kasa_config``,
 ``monteclora_config``, ``init_lora_weights`` of pissa*/olora/corda/loftq/lora_ga (the adapter is relative to a
-modified base weight), and a missing ``target_modules`` (PEFT would pick per-architecture defaults).
+modified base weight), and a missing ``target_modules`` (PEFT would pick per-architecture defaults). DoRA
+(``use_dora``), ``lora_bias``, ``bias``, ``modules_to_save`` and ``trainable_token_indices`` are read into adapter
+kinds (:mod:`lorapass.formats.peft`); ``use_dora`` is also a rule field, for DoRA-ready dynamic slots.
 
 Keys of ``adapter_config.json`` (:data:`PEFT_KEYS` is PEFT 0.21's ``LoraConfig``, field by field): the keys above
 are read or refused; the rest of PEFT's keys (:data:`HARMLESS_KEYS`: bookkeeping, dropout, training- and
@@ -60,7 +61,7 @@ _RESIDUAL_INITS = ("olora", "corda", "loftq", "lora_ga")
 MAX_RANK = 65536
 """The largest rank accepted (vLLM serves up to 512; a larger "rank" is a typo that would exhaust memory)."""
 _PEFT_FIELDS = ("r", "lora_alpha", "target_modules", "exclude_modules", "layers_to_transform", "layers_pattern",
-                "rank_pattern", "alpha_pattern", "use_rslora", "fan_in_fan_out")
+                "rank_pattern", "alpha_pattern", "use_rslora", "fan_in_fan_out", "use_dora")
 PEFT_KEYS = frozenset((
     "task_type", "peft_type", "auto_mapping", "peft_version", "base_model_name_or_path", "revision", "inference_mode",
     "r", "target_modules", "exclude_modules", "lora_alpha", "lora_dropout", "fan_in_fan_out", "bias", "use_rslora",
@@ -81,14 +82,9 @@ def _given(value: Any) -> bool:
 
 
 _UNSUPPORTED: tuple[tuple[str, Callable[[Any], bool], str], ...] = (
-    ("peft_type", lambda v: v is not None and v != "LORA", "only LoRA adapters are supported"),
-    ("use_dora", bool, "DoRA rescales every output row by a learned magnitude"),
-    ("bias", lambda v: v not in (None, "none"), "the adapter also trains the base layers' biases"),
-    ("lora_bias", bool, "LoRA B carries a bias"),
-    ("modules_to_save", bool, "whole modules are replaced by trained copies"),
+    ("peft_type", lambda v: v is not None and v != "LORA", "only LoRA adapters (with DoRA) are supported"),
     ("target_parameters", bool, "LoRA on bare parameters (e.g. MoE expert tensors)"),
     ("layer_replication", bool, "layers are replicated"),
-    ("trainable_token_indices", bool, "embedding rows are trained"),
     ("alora_invocation_tokens", bool, "aLoRA only applies after its invocation tokens"),
     ("use_qalora", bool, "QALoRA feeds pooled inputs to A"),
     ("use_bdlora", _given, "BD-LoRA uses block-diagonal factors"),
@@ -99,7 +95,9 @@ _UNSUPPORTED: tuple[tuple[str, Callable[[Any], bool], str], ...] = (
      "the adapter is relative to a modified base weight (save it with path_initial_model_for_weight_conversion)"),
     ("target_modules", lambda v: v is None, "PEFT would choose per-architecture defaults"),
 )
-HARMLESS_KEYS = PEFT_KEYS - set(_PEFT_FIELDS) - {key for key, _, _ in _UNSUPPORTED}
+ADAPTER_KEYS = frozenset(("bias", "lora_bias", "modules_to_save", "trainable_token_indices"))
+"""Keys whose tensors the PEFT reader turns into adapter kinds (:mod:`lorapass.formats.peft`)."""
+HARMLESS_KEYS = PEFT_KEYS - set(_PEFT_FIELDS) - ADAPTER_KEYS - {key for key, _, _ in _UNSUPPORTED}
 """PEFT keys lorapass ignores because they cannot change the weights: bookkeeping (task_type, peft_version,
 base_model_name_or_path, revision, inference_mode, auto_mapping), lora_dropout (inactive at inference),
 training-only settings (megatron_*, velora_config, runtime_config, ensure_weight_tying: tied adapters show up
@@ -140,7 +138,8 @@ class LoraRule(BaseModel):
     alpha_pattern: dict[str, Alpha] = {}
     use_rslora: bool = False
     fan_in_fan_out: bool = False
-    strategy: Literal["merge", "dynamic"] = "merge"
+    use_dora: bool = False  # DoRA: a per-output factor input on every dynamic slot (plain LoRA files run with it = 1)
+    strategy: Literal["merge", "dynamic", "multi"] = "merge"
     fuse_shared_inputs: bool = False  # one A product for sites reading one activation (dynamic); slower on ORT CPU
 
     @field_validator("target_modules", "exclude_modules")
@@ -298,13 +297,26 @@ class RuleSet(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     rules: list[LoraRule] = Field(min_length=1)
+    aliases: dict[str, str] = Field(default_factory=dict)
+    """Graph path components -> PEFT's (``{attn: self_attn}``), for exporters lorapass has no dialect for."""
+
+    @field_validator("aliases")
+    @classmethod
+    def _aliases_valid(cls, value: dict[str, str]) -> dict[str, str]:
+        from lorapass.onnx.dialects import parse_aliases
+
+        try:
+            return parse_aliases(value)
+        except RuleError as err:
+            raise ValueError(str(err)) from None
 
     @classmethod
     def from_yaml(cls, path: str | Path) -> RuleSet:
-        """A YAML file holding one rule mapping or ``{rules: [...]}``."""
+        """A YAML file holding one rule mapping or ``{rules: [...]}`` (either may have ``aliases``)."""
         data = _load_yaml(path)
         if isinstance(data, dict) and "rules" not in data:
-            data = {"rules": [data]}
+            rule = dict(data)
+            data = {"rules": [rule]} | ({"aliases": rule.pop("aliases")} if "aliases" in rule else {})
         return _validated(cls, data, str(path))
 
     def select(self, paths: Sequence[str],

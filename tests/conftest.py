@@ -26,3 +26,12 @@ def exported(tmp_path_factory):
         return cache[key]
 
     return get
+
+
+@pytest.fixture(scope="session")
+def genai(tmp_path_factory):
+    """onnxruntime-genai builder outputs, each built once per session: ``genai.model(family)`` -> (torch model,
+    HF folder); ``genai.build(family, precision="fp32", **extra_options)`` -> the output folder (see genai.py)."""
+    from genai import GenaiBuilds
+
+    return GenaiBuilds(tmp_path_factory.mktemp("genai"))

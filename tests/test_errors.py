@@ -133,10 +133,10 @@ def test_output_may_not_overwrite_input(case, capsys):
 def test_unsupported_peft_feature_is_refused(case, capsys):
     model, adapter, out = case
     config = json.loads((adapter / "adapter_config.json").read_text())
-    config["use_dora"] = True
+    config["layer_replication"] = [[0, 2], [1, 2]]
     (adapter / "adapter_config.json").write_text(json.dumps(config))
     err = run_failing(capsys, ["rewrite", str(model), "--adapter", str(adapter), "-o", str(out / "o.onnx")], out, [model])
-    assert "use_dora" in err
+    assert "layer_replication" in err
 
 
 def test_failure_while_writing_leaves_nothing(case, monkeypatch):

@@ -80,7 +80,7 @@ def test_dynamic_inserts_real_nodes_not_modules(case):
     result = fx.apply(program, adapter, "dynamic")
     rewritten = result.program
     paths = [t.site.path for t in result.targets]
-    assert result.slots == {p: (f"m.{p}.lora_A", f"m.{p}.lora_B") for p in paths}
+    assert result.slots == {p: {f"{p}.lora_{k}": f"m.{p}.lora_{k}" for k in "AB"} for p in paths}
     specs = {s.target: s for s in rewritten.graph_signature.input_specs}
     from safetensors.numpy import load_file
 

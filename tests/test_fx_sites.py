@@ -42,8 +42,11 @@ def test_every_linear_found_with_path_shape_layout_and_weight(traced, family):
     expected = torch_linears(model)
     assert report.prefix == "m" and report.prefix_source == "nn_module_stack classes"
     assert report.unresolved == []
-    assert {s.path for s in report.sites} == set(expected)
-    for site in report.sites:
+    linears = [s for s in report.sites if s.kind == "linear"]
+    assert {s.path for s in linears} == set(expected)
+    embeddings = {n for n, m in model.named_modules() if isinstance(m, torch.nn.Embedding)}
+    assert {s.path for s in report.sites if s.kind == "embedding"} == embeddings  # aten.embedding sites
+    for site in linears:
         module = model.get_submodule(site.path)
         assert (site.in_features, site.out_features) == expected[site.path]
         assert site.source == "nn_module_stack" and site.dtype == "float"
@@ -74,8 +77,8 @@ def test_same_paths_as_the_onnx_frontend(traced, exported):
 
 def test_prefix_given_or_guessed_from_wanted_paths(traced):
     program = Program(traced("llama")[1])
-    assert find_sites(program, prefix="").sites[0].path == "m.model.layers.0.self_attn.q_proj"
-    assert find_sites(program, prefix="m.model").sites[0].path == "layers.0.self_attn.q_proj"
+    assert find_sites(program, prefix="").sites[1].path == "m.model.layers.0.self_attn.q_proj"  # [0]: embed_tokens
+    assert find_sites(program, prefix="m.model").sites[1].path == "layers.0.self_attn.q_proj"
 
 
 def test_unwrapped_model_needs_no_prefix():
@@ -90,9 +93,10 @@ def test_decomposed_program_sites_are_mm_of_transposed_weights(traced):
     input is not contiguous (o_proj): all still found, layout out_in."""
     model, ep = traced("llama")
     report = find_sites(Program(ep.run_decompositions()))
-    assert {s.path for s in report.sites} == set(torch_linears(model))
-    assert {(s.op, s.layout) for s in report.sites} == {("aten.mm", "out_in"), ("aten.bmm", "out_in")}
-    assert {s.path for s in report.sites if s.op == "aten.bmm"} == {f"model.layers.{i}.self_attn.o_proj" for i in (0, 1)}
+    linears = [s for s in report.sites if s.kind == "linear"]
+    assert {s.path for s in linears} == set(torch_linears(model))
+    assert {(s.op, s.layout) for s in linears} == {("aten.mm", "out_in"), ("aten.bmm", "out_in")}
+    assert {s.path for s in linears if s.op == "aten.bmm"} == {f"model.layers.{i}.self_attn.o_proj" for i in (0, 1)}
     assert report.output_heads == ["lm_head"]
 
 

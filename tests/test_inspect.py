@@ -23,7 +23,7 @@ def test_inspect_json_reports_what_peft_targets(exported, tmp_path, capsys):
     for path, module in lora.items():
         assert hits[path]["r"] == module.r["default"]
         assert abs(hits[path]["scale"] - module.scaling["default"]) < 1e-12
-    assert len(report["sites"]) == 15 and report["output_heads"] == ["lm_head"]
+    assert len(report["sites"]) == 16 and report["output_heads"] == ["lm_head"]  # 15 linears + embed_tokens
 
 
 def test_inspect_names_adapter_modules_that_fit_nothing(exported, tmp_path, capsys):

@@ -268,11 +268,6 @@ def test_from_peft_config_saved_by_peft(tmp_path, make, heads, config):
 
 
 @pytest.mark.parametrize("config,key", [
-    ({"use_dora": True}, "use_dora"),
-    ({"bias": "lora_only"}, "bias"),
-    ({"bias": "all"}, "bias"),
-    ({"lora_bias": True}, "lora_bias"),
-    ({"modules_to_save": ["lm_head"]}, "modules_to_save"),
     ({"init_lora_weights": "pissa"}, "init_lora_weights"),
     ({"init_lora_weights": "olora"}, "init_lora_weights"),
 ])
@@ -283,17 +278,18 @@ def test_unsupported_configs_saved_by_peft(tmp_path, config, key):
     assert str(tmp_path / "adapter_config.json") in str(err.value) and key in str(err.value)
 
 
-def test_seq_cls_adapter_is_unsupported_because_peft_saves_the_head(tmp_path):
-    get_peft_model(_bert(), LoraConfig(target_modules=["query"], task_type="SEQ_CLS")).save_pretrained(tmp_path)
-    with pytest.raises(UnsupportedError, match="modules_to_save"):
-        LoraRule.from_peft_config(tmp_path)
+def test_peft_variants_are_read_not_refused(tmp_path):
+    """DoRA, bias training, modules_to_save and SEQ_CLS heads are adapter kinds now (tests/test_peft_variants*.py)."""
+    config = LoraConfig(target_modules=["query"], task_type="SEQ_CLS", use_dora=True, bias="lora_only")
+    get_peft_model(_bert(), config).save_pretrained(tmp_path)
+    rule = LoraRule.from_peft_config(tmp_path)
+    assert rule.use_dora and rule.target_modules == ["query"]
 
 
 @pytest.mark.parametrize("extra,key", [
     ({"peft_type": "IA3"}, "peft_type"),
     ({"target_parameters": ["experts.gate_up_proj"]}, "target_parameters"),
     ({"layer_replication": [[0, 2], [1, 2]]}, "layer_replication"),
-    ({"trainable_token_indices": [1, 2]}, "trainable_token_indices"),
     ({"alora_invocation_tokens": [5, 6]}, "alora_invocation_tokens"),
     ({"use_qalora": True}, "use_qalora"),
     ({"use_bdlora": {}}, "use_bdlora"),

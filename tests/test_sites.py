@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 from transformers.pytorch_utils import Conv1D
 
 from builders import FAMILIES, torch_linears
@@ -26,9 +27,16 @@ def test_every_linear_found_with_its_path_shape_and_weight(exported, family, dyn
     graph = load_model(path)
     report = find_sites(graph, prefix=None if dynamo else "m")
     expected = torch_linears(model)
-    found = {s.path: s for s in report.sites}
+    found = {s.path: s for s in report.sites if s.kind == "linear"}
     assert report.unresolved == []
     assert set(found) == set(expected)
+    tables = {s.path: s for s in report.sites if s.kind == "embedding"}  # every nn.Embedding, as its Gather
+    embeddings = {n: m for n, m in model.named_modules() if isinstance(m, torch.nn.Embedding)}
+    assert set(tables) == set(embeddings)
+    for path, site in tables.items():
+        assert (site.in_features, site.out_features) == tuple(embeddings[path].weight.shape) and site.op == "Gather"
+        np.testing.assert_array_equal(graph.graph.initializers[site.weight].const_value.numpy(),
+                                      embeddings[path].weight.detach().numpy())
     for path, site in found.items():
         assert (site.in_features, site.out_features) == expected[path]
         module = model.get_submodule(path)

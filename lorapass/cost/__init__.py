@@ -12,6 +12,8 @@ Modules, one job each:
 - :mod:`~lorapass.cost.analysis`: roofline per operator, phases, memory, LoRA overhead, sweep.
 - :mod:`~lorapass.cost.report`: tables, JSON, CSV, roofline plot.
 - :mod:`~lorapass.cost.calibrate`: measure this machine with ONNX Runtime.
+- :mod:`~lorapass.cost.serving`: many adapters served with continuous batching (``analyse --workload``):
+  merge / dynamic / multi policies simulated over the per-step roofline, and an advisor.
 - :mod:`~lorapass.cost.cli`: the ``analyse`` and ``calibrate`` subcommands.
 
 Decisions (see each module's docstring for the formulas):

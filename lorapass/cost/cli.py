@@ -52,6 +52,12 @@ def _rules(args: argparse.Namespace):
 
 
 def cmd_analyse(args: argparse.Namespace) -> int:
+    if args.workload:
+        from lorapass.cost.serving.command import cmd_serving
+
+        return cmd_serving(args)
+    if args.policy:
+        raise SpecError("--policy chooses what --workload simulates; give --workload W.yaml")
     from lorapass.cost import report
     from lorapass.cost.analysis import Analyser, ModelSource, Workload, sweep
     from lorapass.cost.hw import load_spec
@@ -133,6 +139,12 @@ def add_analyse_parser(subparsers) -> argparse.ArgumentParser:
     g.add_argument("--strategy", choices=["merge", "dynamic"], help="default: the rules' own strategy")
     shorthand.add_arguments(p, "LoRA shorthand (instead of --adapter or --rules; dynamic unless --strategy)",
                             "LoRA rank (default 8)")
+    g = p.add_argument_group("serving many adapters")
+    g.add_argument("--workload", metavar="W.yaml",
+                   help="simulate continuous batching of this workload (adapters, popularity, arrivals, SLOs)")
+    g.add_argument("--policy", choices=["merge", "dynamic", "multi", "all"],
+                   help="with --workload: adapter policy to simulate (default all: merge drain and threshold, "
+                        "dynamic, multi)")
     g = p.add_argument_group("output")
     g.add_argument("--sweep", action="store_true", help="rank every valid TP x PP x EP layout of --devices")
     g.add_argument("--devices", help="device counts to sweep: 8, 8,16 or 8-64 (default: tp*pp*ep*dp)")
@@ -141,7 +153,8 @@ def add_analyse_parser(subparsers) -> argparse.ArgumentParser:
     g.add_argument("--json", action="store_true", help="print JSON")
     g.add_argument("--ops", action="store_true", help="with --json: include every operator")
     g.add_argument("--csv", metavar="FILE", help="write per-operator rows (a sweep: one row per layout)")
-    g.add_argument("--plot", metavar="PNG", help="write a roofline chart of the operators")
+    g.add_argument("--plot", metavar="PNG", help="write a roofline chart of the operators (with --workload: "
+                   "throughput and p99 TTFT against adapter count per policy)")
     p.set_defaults(func=cmd_analyse)
     return p
 

@@ -2,8 +2,9 @@
 
 Units are the datasheets' own: TFLOP/s (dense, no sparsity), TB/s and GB/s (decimal, 1e12 / 1e9 bytes/s),
 GiB for memory capacity (HBM stacks are sized in binary units), MB (1e6 bytes) for the last-level cache,
-microseconds for latencies. Every problem is a :class:`~lorapass.errors.SpecError` naming the file and the
-field (``hw_specs/h100.yaml: interconnect.intra_node.bandwidth_gb_s: must be > 0``).
+microseconds for latencies. ``host`` (optional; the serving simulation needs it) is the host link and the host
+memory per device. Every problem is a :class:`~lorapass.errors.SpecError` naming the file and the field
+(``hw_specs/h100.yaml: interconnect.intra_node.bandwidth_gb_s: must be > 0``).
 """
 
 from __future__ import annotations
@@ -81,6 +82,24 @@ class Interconnect(_Strict):
     inter_node: Link
 
 
+class Host(_Strict):
+    """The host a device hangs off: its link (PCIe or NVLink-C2C, per direction) and the host memory per device."""
+
+    link: Link
+    link_efficiency: float = Field(gt=0, le=1)  # achieved fraction of the link's peak for pinned copies
+    memory_gib: float = Field(gt=0)  # host memory available per device (the machine's share)
+
+    def load_time(self, nbytes: float, tensors: int) -> float:
+        """Seconds to copy ``nbytes`` in ``tensors`` transfers host -> device: size / effective bandwidth +
+        one link latency per transfer."""
+        return nbytes / (self.link.bandwidth * self.link_efficiency) + tensors * self.link.latency
+
+    @property
+    def capacity(self) -> float:
+        """Host memory per device in bytes."""
+        return self.memory_gib * 2**30
+
+
 class HardwareSpec(_Strict):
     """One device."""
 
@@ -92,6 +111,7 @@ class HardwareSpec(_Strict):
     efficiency: Efficiency
     interconnect: Interconnect
     kernel_overhead_us: float = Field(0.0, ge=0)
+    host: Host | None = None  # needed by the serving simulation (adapter loads, host adapter cache)
     source: str | None = None
 
     def peak(self, dtype: str) -> float:
@@ -121,13 +141,13 @@ class HardwareSpec(_Strict):
 
 
 def _describe(error: dict[str, Any]) -> str:
-    loc = ".".join(str(p) for p in error["loc"]) or "spec"
-    msg = error["msg"]
+    loc = ".".join(str(p) for p in error["loc"])
+    msg = error["msg"].removeprefix("Value error, ")
     if error["type"] == "missing":
         msg = "missing required field"
     elif error["type"] == "extra_forbidden":
         msg = "unknown field (typo?)"
-    return f"{loc}: {msg}"
+    return f"{loc}: {msg}" if loc else msg
 
 
 def validated(model: type[BaseModel], data: Any, source: str) -> Any:

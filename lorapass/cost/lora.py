@@ -5,9 +5,11 @@ calls, on the module paths of the graph's linear operators, so the cost model ta
 rewrite of that graph would.
 
 - ``dynamic``: per targeted site a GEMM_LORA_A (2·t·in·r), a GEMM_LORA_B (2·t·r·out) and the ADD that joins
-  the base output (t·out), every run. As in the rewrite (``fuse_shared_inputs``), sites reading the same
+  the base output (t·out), every run; with DoRA (``use_dora``) one more per-output multiply (t·out) by the
+  precomputed factor. As in the rewrite (``fuse_shared_inputs``), sites reading the same
   activation (q/k/v, gate/up) share one A product over their concatenated ranks. The scale is folded into B.
-- ``merge``: nothing per token; once per site a MERGE of 2·r·in·out FLOPs that reads W, A and B and writes W.
+- ``merge``: nothing per token; once per site a MERGE of 2·r·in·out FLOPs that reads W, A and B and writes W
+  (DoRA: + 3·in·out for the per-row norm and rescale).
 
 Tensor parallelism (the layout of Punica/vLLM and S-LoRA's observation that the LoRA output can ride the base
 model's reduction): at a column-parallel site A [r, in] is replicated and B is split on the output like W, so
@@ -107,11 +109,23 @@ def apply_dynamic(graph: OpGraph, selection: dict[str, tuple[Any, Any]]) -> OpGr
         out.append(add)
         tensors[b.outputs[0]] = b.act_out
         tensors[add.outputs[0]] = add.act_out
+        if _dora(selection[op.path][0]):  # g ⊙ (y + x·A·B): one more per-output multiply, g [out] read once
+            mul = O.elementwise(f"{op.path}.dora_mul", t * op.out_features, e, n_inputs=1, kind=O.LORA_ADD,
+                                layer=op.layer, tp=_ADD_MODE.get(op.tp, "replicated"), inputs=add.outputs,
+                                outputs=(f"{op.path}.dora.out",), weight=op.out_features * e)
+            mul.path, mul.paths = op.path, (op.path,)
+            out.append(mul)
+            tensors[mul.outputs[0]] = mul.act_out
     return OpGraph(out, graph.meta, tensors)
 
 
+def _dora(rule: Any) -> bool:
+    return bool(getattr(rule, "use_dora", False))
+
+
 def merge_ops(graph: OpGraph, selection: dict[str, tuple[Any, Any]]) -> list[Op]:
-    """The one-time merge W += scale·(B @ A) of every selected site: 2·r·in·out FLOPs, W read and written."""
+    """The one-time merge W += scale·(B @ A) of every selected site: 2·r·in·out FLOPs, W read and written.
+    DoRA adds the norm of W + s·B·A per output row and the rescale (3·in·out FLOPs, W still read and written once)."""
     e = DTYPE_BYTES[graph.meta.dtype]
     seen: set[str] = set()
     out = []
@@ -122,7 +136,8 @@ def merge_ops(graph: OpGraph, selection: dict[str, tuple[Any, Any]]) -> list[Op]
         r = selection[op.path][1].r
         w = op.in_features * op.out_features * e
         lora = r * (op.in_features + op.out_features) * e
-        out.append(Op(f"{op.path}.merge", O.MERGE, flops=2.0 * r * op.in_features * op.out_features,
+        norm = 3.0 * op.in_features * op.out_features if _dora(selection[op.path][0]) else 0.0
+        out.append(Op(f"{op.path}.merge", O.MERGE, flops=2.0 * r * op.in_features * op.out_features + norm,
                       weight_bytes=2 * w + lora, path=op.path, layer=op.layer,
                       tp=op.tp if op.tp in _A_MODE else "replicated",
                       in_features=op.in_features, out_features=op.out_features, rank=r))
@@ -130,10 +145,11 @@ def merge_ops(graph: OpGraph, selection: dict[str, tuple[Any, Any]]) -> list[Op]
 
 
 def adapter_bytes(graph: OpGraph, selection: dict[str, tuple[Any, Any]]) -> float:
-    """Bytes of all A and B matrices of the selected sites (in the graph's weight dtype)."""
+    """Bytes of all A and B matrices of the selected sites (in the graph's weight dtype), and DoRA's factors."""
     e = DTYPE_BYTES[graph.meta.dtype]
     seen: dict[str, float] = {}
     for op in graph.ops:
         if op.kind == O.GEMM and op.path in selection:
-            seen[op.path] = selection[op.path][1].r * (op.in_features + op.out_features) * e
+            rule, params = selection[op.path]
+            seen[op.path] = (params.r * (op.in_features + op.out_features) + op.out_features * _dora(rule)) * e
     return sum(seen.values())

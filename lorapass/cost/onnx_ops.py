@@ -3,8 +3,11 @@
 Shapes come from ONNX Runtime's symbolic shape inference (run once per file: ``batch`` and ``seq`` stay
 symbols, e.g. ``4*batch``), evaluated for the requested sizes; ONNX's own inference is the fallback. Linear
 nodes are named by :func:`lorapass.onnx.sites.find_sites` (the module paths the rewrite targets); LoRA nodes
-of a dynamic rewrite are recognised by their ``<path>.lora_A`` / ``<path>.lora_B`` inputs; the rest is
-classified by op type:
+of a dynamic rewrite are recognised by their ``<path>.lora_A`` / ``<path>.lora_B`` inputs, those of a multi
+rewrite by the Gathers of their ``<path>.lora_A_bank`` / ``<path>.lora_B_bank`` inputs: a bank Gather reads the
+slots of the distinct adapters in the batch (``dims`` ``lora_distinct``, default min(batch, slots): every row
+another adapter) and writes one slot per row, which the batched LoRA MatMuls read; the rest is classified by
+op type:
 
 - QK^T / PV: a MatMul of two activations whose output reaches a Softmax (QK) or whose first input comes from
   one (PV); the values between them are scores ``[..., q, k]``.
@@ -52,6 +55,9 @@ _REDUCE = {"ReduceMean", "ReduceSum", "ReduceMax", "ReduceMin", "ReduceProd", "R
            "ArgMax", "ArgMin"}
 _SCORE_CHAIN = {"Add", "Mul", "Div", "Sub", "Where", "Cast", "Softmax", "IsNaN", "Dropout", "Max", "Min"}
 _LORA = re.compile(r"^(?P<path>.+)\.lora_(?P<kind>A|B)(?:\.weight)?$")
+_BANK = re.compile(r"^(?P<path>.+)\.lora_(?P<kind>A|B)_bank$")
+DISTINCT = "lora_distinct"
+"""``dims`` key: how many distinct adapters a batch of a multi graph uses."""
 _LAYER = re.compile(r"(?:^|\.)(\d+)(?:\.|$)")
 _ELEM_BYTES = {
     onnx.TensorProto.FLOAT: 4, onnx.TensorProto.DOUBLE: 8, onnx.TensorProto.FLOAT16: 2, onnx.TensorProto.BFLOAT16: 2,
@@ -175,7 +181,7 @@ def _static(path: str, mtime: float, prefix: str | None) -> _Static:
                                           and node.op_type not in ("RandomNormal", "RandomUniform")):
             consts.update(o for o in node.output if o)
     st = _Static(Path(path), proto, dims, elem, consts, overridable,
-                 {s.node: s for s in report.sites if s.node}, list(report.output_heads), report.prefix, ranks, symbols)
+                 {node: s for node, s in report.by_node().items() if node and s.kind == "linear"}, list(report.output_heads), report.prefix, ranks, symbols)
     st.unresolved_sites = list(report.unresolved)
     _classify(st)
     return st
@@ -205,6 +211,8 @@ def _lora_source(name: str, producers: dict[str, onnx.NodeProto]) -> tuple[str, 
     if m:
         return m["kind"], (m["path"],)
     node = producers.get(name)
+    if node is not None and node.op_type == "Gather" and (m := _BANK.match(node.input[0])):
+        return m["kind"], (m["path"],)
     if node is not None and node.op_type in ("Concat", "Cast", "Identity"):
         found = [_lora_source(i, producers) for i in node.input if i]
         if found and all(f is not None for f in found) and len({f[0] for f in found}) == 1:
@@ -256,8 +264,12 @@ def _classify(st: _Static) -> None:
                     lora_b_out[n.output[0]] = src[1]
         elif n.op_type == "Concat" and n.input and all(_LORA.match(i) for i in n.input if i):
             st.lora[name] = ("LORA_CONCAT", tuple(_LORA.match(i)["path"] for i in n.input if i))
+        elif n.op_type == "Gather" and (m := _BANK.match(n.input[0])):
+            st.lora[name] = (O.GATHER_LORA + "_" + m["kind"], (m["path"],))
     for name, n in zip(names, nodes):
-        if n.op_type == "Add" and any(i in lora_b_out for i in n.input):
+        if n.op_type == "Reshape" and n.input[0] in lora_b_out:  # a multi delta given the site's shape
+            lora_b_out[n.output[0]] = lora_b_out[n.input[0]]
+        elif n.op_type == "Add" and any(i in lora_b_out for i in n.input):
             st.lora[name] = (O.LORA_ADD, lora_b_out[next(i for i in n.input if i in lora_b_out)])
 
     # attention: QK feeds a Softmax through element-wise ops, PV reads from one
@@ -385,7 +397,8 @@ def _site_mode_for_lora(st: _Static, kind: str, paths: tuple[str, ...]) -> str:
 
     base = {s.path: st.modes.get(node, "replicated") for node, s in st.sites.items()}
     mode = base.get(paths[0], "replicated")
-    table = {"GEMM_LORA_A": _A_MODE, "GEMM_LORA_B": _B_MODE, O.LORA_ADD: _ADD_MODE}.get(kind)
+    table = {"GEMM_LORA_A": _A_MODE, "GEMM_LORA_B": _B_MODE, O.LORA_ADD: _ADD_MODE, O.GATHER_LORA + "_A": _A_MODE,
+             O.GATHER_LORA + "_B": _B_MODE}.get(kind)
     if table is None:
         return "partial"
     return table.get(mode, "replicated")
@@ -495,6 +508,11 @@ def load_onnx_graph(path: str | os.PathLike, batch: int, q_len: int, kv_len: flo
             op.param_bytes = w_over
             if kind == "LORA_CONCAT":
                 op.kind = O.MEMORY
+            elif kind.startswith(O.GATHER_LORA):
+                bank = shape(n.input[0])
+                slots = bank[0] if bank else 1
+                op.kind = O.GATHER_LORA
+                op.weight_bytes = nbytes(n.input[0]) * min((dims or {}).get(DISTINCT, batch), slots) / slots
             elif kind == O.LORA_ADD:
                 op.kind, op.flops = O.LORA_ADD, elements(outs[0])
             else:

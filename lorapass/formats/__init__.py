@@ -1,8 +1,11 @@
 """Adapter file formats: small readers that each yield one :class:`~lorapass.adapter.Adapter`.
 
 ``load_adapter`` picks the reader from what ``source`` is: a PEFT directory (``adapter_config.json`` +
-``adapter_model.safetensors``) today. A user weight (the SD UIs' multiplier, ``FILE:WEIGHT`` on the command
-line) multiplies every module's scale.
+``adapter_model.safetensors``), or a single ``.safetensors`` file whose keys say its format: kohya-ss / LyCORIS
+(``lora_unet_...``, :mod:`~lorapass.formats.kohya`) or diffusers / PEFT (``unet.<path>.lora_A.weight``,
+:mod:`~lorapass.formats.diffusers`). Single files name modules in their own spelling; bind them to a graph's site
+paths with :func:`lorapass.formats.names.bind`. A user weight (the SD UIs' multiplier, ``FILE:WEIGHT`` on the
+command line) multiplies every module's scale.
 """
 
 from __future__ import annotations
@@ -43,9 +46,25 @@ def load_adapter(source: str | os.PathLike, allow_pickle: bool = False, weight: 
     elif not path.exists():
         raise AdapterError(f"{path}: no such adapter directory or file")
     else:
-        raise AdapterError(f"{path}: not an adapter lorapass can read (expected a PEFT adapter directory)")
+        adapter = _single_file(path)
     if weight != 1.0:
         adapter.weight = weight
         for kind in adapter.modules.values():
             kind.scale *= weight
     return adapter
+
+
+def _single_file(path: Path) -> Adapter:
+    """A kohya / LyCORIS or diffusers / PEFT ``.safetensors`` file, told apart by its keys."""
+    from lorapass.formats import diffusers, kohya
+    from lorapass.formats.tensors import TensorFile
+
+    if path.suffix != ".safetensors":
+        raise AdapterError(f"{path}: not an adapter lorapass can read (expected a PEFT adapter directory or a "
+                           ".safetensors LoRA file)")
+    keys = TensorFile(path).keys()
+    for reader in (kohya, diffusers):
+        if reader.detect(keys):
+            return reader.read(path)
+    raise AdapterError(f"{path}: its keys (e.g. {sorted(keys)[:3]}) are neither kohya/LyCORIS (lora_unet_..., lora_te_...) "
+                       "nor diffusers/PEFT (unet.<path>.lora_A.weight) LoRA keys")

@@ -20,6 +20,7 @@ class TensorFile:
     _keys: list[str] | None = None
     _cache: dict[str, np.ndarray] = field(default_factory=dict, repr=False)
     _pickled: dict[str, np.ndarray] | None = field(default=None, repr=False)
+    _shapes: dict[str, tuple[int, ...]] = field(default_factory=dict, repr=False)
 
     @property
     def pickled(self) -> bool:
@@ -35,6 +36,7 @@ class TensorFile:
                 try:
                     with safe_open(str(self.path), framework="numpy") as f:
                         self._keys = list(f.keys())
+                        self._shapes = {k: tuple(f.get_slice(k).get_shape()) for k in self._keys}
                 except Exception as exc:
                     raise AdapterError(f"{self.path}: not a readable safetensors file ({exc})") from exc
         return self._keys
@@ -50,26 +52,40 @@ class TensorFile:
 
     def read(self, key: str) -> np.ndarray:
         if key not in self._cache:
-            self._cache[key] = self._unpickle()[key] if self.pickled else self._read_safetensors(key)
+            if self.pickled:
+                self._cache[key] = self._unpickle()[key]
+            else:
+                self._read_safetensors()
         return self._cache[key]
 
     def shape(self, key: str) -> tuple[int, ...]:
+        if not self.pickled:
+            self.keys()
+            if key in self._shapes:  # from the header: no tensor read
+                return self._shapes[key]
         return tuple(self.read(key).shape)
 
-    def _read_safetensors(self, key: str) -> np.ndarray:
+    def _read_safetensors(self) -> None:
+        """Every tensor of the file, in one open (per-key opens cost milliseconds each on files of many tensors)."""
         from safetensors import safe_open
 
-        try:
-            with safe_open(str(self.path), framework="numpy") as f:
-                return checked(f.get_tensor(key), key, self.path)
-        except TypeError:  # bfloat16 and other dtypes numpy lacks: read through torch
-            pass
+        with safe_open(str(self.path), framework="numpy") as f:
+            torch_keys = []
+            for key in f.keys():
+                try:
+                    self._cache[key] = checked(f.get_tensor(key), key, self.path)
+                except TypeError:  # bfloat16 and other dtypes numpy lacks: read through torch
+                    torch_keys.append(key)
+        if not torch_keys:
+            return
         try:
             import torch  # noqa: F401
         except ImportError as exc:
-            raise UnsupportedError(f"{self.path}: tensor {key!r} has a dtype numpy cannot read; install torch") from exc
+            raise UnsupportedError(f"{self.path}: tensor {torch_keys[0]!r} has a dtype numpy cannot read; "
+                                   "install torch") from exc
         with safe_open(str(self.path), framework="pt") as f:
-            return checked(f.get_tensor(key), key, self.path)
+            for key in torch_keys:
+                self._cache[key] = checked(f.get_tensor(key), key, self.path)
 
     def _unpickle(self) -> dict[str, np.ndarray]:
         if self._pickled is None:

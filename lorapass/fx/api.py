@@ -12,7 +12,7 @@ from torch.export import ExportedProgram
 from torch.fx import GraphModule
 
 from lorapass.adapter import Adapter
-from lorapass.errors import AdapterError, RuleError
+from lorapass.errors import AdapterError, RuleError, UnsupportedError
 from lorapass.fx.program import Program
 from lorapass.fx.sites import find_sites
 from lorapass.fx.trace import AUTO, trace
@@ -31,7 +31,7 @@ class FxResult:
     report: SiteReport
     targets: list[Target]
     adapter: Adapter | None = None
-    slots: dict[str, tuple[str, str]] = field(default_factory=dict)  # dynamic: path -> (A key, B key) in the program
+    slots: dict[str, dict[str, str]] = field(default_factory=dict)  # dynamic: path -> {input name: state key}
 
 
 def _split(selection: Any, adapter: Any, rules: Any) -> tuple[Any, Any]:
@@ -64,7 +64,8 @@ def apply(model: torch.nn.Module | ExportedProgram | GraphModule, rules_or_adapt
     program = Program(traced)
     report = find_sites(program, prefix=prefix, wanted=adapter.modules if adapter else ())
     targets = plan(report.sites, rules, report.output_heads, adapter)
-    slots: dict[str, tuple[str, str]] = {}
+    _refuse_unsupported(targets, strategy)
+    slots: dict[str, dict[str, str]] = {}
     if strategy == "merge":
         from lorapass.fx.merge import merge
 
@@ -74,6 +75,22 @@ def apply(model: torch.nn.Module | ExportedProgram | GraphModule, rules_or_adapt
 
         slots = insert_lora(program, report, targets)
     return FxResult(program.finish(), strategy, report, targets, adapter, slots)
+
+
+def _refuse_unsupported(targets: list[Target], strategy: str) -> None:
+    """The fx pass applies low-rank kinds (LoRA, DoRA, embedding LoRA; a LoRA bias in dynamic only): refuse the
+    others by key and kind (the ONNX pass applies them)."""
+    for target in targets:
+        module = target.module
+        if module is None:
+            continue
+        parts = module.parts(target.site)
+        bias = getattr(module, "bias", None) is not None and strategy == "merge"
+        if parts - {"low_rank"} or bias:
+            key = module.key("lora_bias") if bias else module.key()
+            raise UnsupportedError(f"{module.source}: {key} ({module.name}, changes "
+                                   f"{sorted(parts | ({'bias'} if bias else set()))}) is not supported by the fx "
+                                   f"frontend's {strategy}; apply it to the ONNX export (lorapass rewrite)")
 
 
 def rewrite(model: torch.nn.Module | ExportedProgram | GraphModule, rules_or_adapter: Any = None,

@@ -27,8 +27,10 @@ from typing import TYPE_CHECKING, Any
 
 import onnx_ir as ir
 
+from lorapass.atomic import Transaction
 from lorapass.errors import ModelError, UnsupportedError
 from lorapass.progress import bar
+from lorapass.provenance import input_files
 
 if TYPE_CHECKING:  # torch is an optional dependency: imported only when the pipeline runs
     import torch
@@ -52,9 +54,7 @@ class ExportResult:
     @property
     def lora_inputs(self) -> list[str]:
         """The graph inputs an ONNX Runtime adapter may override (empty for merge)."""
-        from lorapass.onnx.slots.linear import input_names
-
-        return [name for path in self.fx.slots for name in input_names(path)]
+        return [name for keys in self.fx.slots.values() for name in keys]
 
 
 def to_onnx(result: FxResult, example_inputs: Any = None, example_kwargs: dict | None = None,
@@ -64,6 +64,7 @@ def to_onnx(result: FxResult, example_inputs: Any = None, example_kwargs: dict |
     import torch
 
     from lorapass.fx.promote import promote_lora_inputs
+    from lorapass.onnx.slots import METADATA_KEY
     from lorapass.fx.trace import auto_dynamic_shapes
 
     program = result.program
@@ -85,7 +86,8 @@ def to_onnx(result: FxResult, example_inputs: Any = None, example_kwargs: dict |
     except Exception as exc:  # torch.onnx reports unsupported operators and export failures with many types
         raise UnsupportedError(f"torch.onnx.export failed: {type(exc).__name__}: {str(exc).strip().splitlines()[0]}") from exc
     if result.strategy == "dynamic":
-        promote_lora_inputs(onnx_program.model, result.targets, result.slots)
+        meta = program.graph_module.meta if isinstance(program, torch.export.ExportedProgram) else program.meta
+        promote_lora_inputs(onnx_program.model, meta[METADATA_KEY], result.slots)
     if optimize:
         with _quiet("onnx_ir.passes.common.initializer_deduplication"):  # "skipped <LoRA input>": intended
             onnx_program.optimize()
@@ -103,25 +105,28 @@ def _quiet(logger_name: str) -> Iterator[None]:
         logger.setLevel(level)
 
 
-def save(model: ir.Model, path: str | os.PathLike, external_data: bool | None = None) -> Path:
-    """Write ``model`` to ``path`` atomically; weights to ``<name>.data`` when ``external_data`` (default: by size)."""
+def save(model: ir.Model, path: str | os.PathLike, external_data: bool | None = None,
+         inputs: list[Path] = ()) -> Path:
+    """Write ``model`` to ``path`` all or nothing (:class:`lorapass.atomic.Transaction`, never over one of
+    ``inputs``); weights to ``<name>.data`` when ``external_data`` (default: by size)."""
     path = Path(path)
     if path.is_dir():
         raise ModelError(f"{path}: is a directory; give the .onnx file to write")
     if external_data is None:
         external_data = sum(v.const_value.nbytes for v in model.graph.initializers.values()
                             if v.const_value is not None) >= EXTERNAL_DATA_THRESHOLD
-    path.parent.mkdir(parents=True, exist_ok=True)
-    staging = path.parent / f".{path.name}.tmp-{os.getpid()}"
-    data = f"{path.name}.data"
-    try:
+    data = path.with_name(f"{path.name}.data")
+    with Transaction([path, data] if external_data else [path], inputs) as commit:
+        staging = commit.temp(path).with_suffix(".dir")  # ir.save writes the data file beside the model
         staging.mkdir()
-        ir.save(model, staging / path.name, external_data=data if external_data else None)
-        if external_data:
-            os.replace(staging / data, path.parent / data)
-        os.replace(staging / path.name, path)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+        try:
+            ir.save(model, staging / path.name, external_data=data.name if external_data else None)
+            os.replace(staging / path.name, commit.temp(path))
+            if external_data:
+                os.replace(staging / data.name, commit.temp(data))
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+        commit.commit()
     return path
 
 
@@ -153,6 +158,7 @@ def export(model: torch.nn.Module | torch.export.ExportedProgram, example_inputs
         onnx_model = to_onnx(result, example_inputs, example_kwargs, dynamic_shapes, input_names, output_names,
                              opset_version, optimize)
         steps.update()
-        written = save(onnx_model, path, external_data) if path is not None else None
+        inputs = input_files([result.adapter], None) if result.adapter is not None else []
+        written = save(onnx_model, path, external_data, inputs) if path is not None else None
         steps.update()
     return ExportResult(onnx_model, written, result)

@@ -1,4 +1,6 @@
-"""Strategy ``merge`` on an fx graph: each targeted parameter becomes W + scale·B·A, in its own layout and dtype.
+"""Strategy ``merge`` on an fx graph: each targeted parameter becomes its kind's merged weight (W + scale·B·A, DoRA,
+embedding LoRA), in its own layout and dtype. Kinds that change more than the weight (LoRA bias, replaced modules,
+trainable tokens) are refused by name: the ONNX pass applies them.
 
 The graph keeps its shape; only state changes. A weight read only by its own site is replaced under its own
 name (a new tensor: the traced model's parameters are never written). One that other nodes also read (a
@@ -10,21 +12,23 @@ from __future__ import annotations
 
 from collections import defaultdict
 
+import numpy as np
 import torch
 from torch.fx import Node
 
 from lorapass.errors import UnsupportedError
-from lorapass.fx.program import PASS_WEIGHT, Program
+from lorapass.fx.program import PASS_WEIGHT, Program, aten
 from lorapass.fx.sites import ADDMM, full_path
 from lorapass.onnx.sites import SiteReport
 from lorapass.plan import Target
 
 
-def merged(weight: torch.Tensor, update: torch.Tensor, layout: str) -> torch.Tensor:
-    """(W in float32 + update in W's layout) cast back to W's dtype; ``update`` is [out, in]."""
-    update = update.to(weight.device)
-    w = weight.detach().to(torch.float32) + (update if layout == "out_in" else update.T)
-    return w.to(weight.dtype).contiguous()
+def merged(weight: torch.Tensor, target: Target) -> torch.Tensor:
+    """The target's merged weight in ``weight``'s own layout and dtype: its kind computes W' from W in float32,
+    torch's layout (W + s·B·A, DoRA's rescale, an embedding table's s·(B·A)ᵀ)."""
+    new = torch.from_numpy(np.ascontiguousarray(target.module.merged(target.site.storage.read())))
+    new = new if target.site.layout == "out_in" else new.T
+    return new.to(device=weight.device, dtype=weight.dtype).contiguous()
 
 
 def _holders(program: Program) -> dict[str, list[Node]]:
@@ -46,12 +50,6 @@ def _readers(program: Program, holders: list[Node]) -> set[Node]:
     return out
 
 
-def _delta(target: Target) -> torch.Tensor:
-    """The module's delta, float32 in torch's [out, in] layout."""
-    up, down = target.module.low_rank()
-    return torch.from_numpy(up @ down)
-
-
 def merge(program: Program, report: SiteReport, targets: list[Target]) -> int:
     """Fold every target's update into its weight; returns how many weights changed."""
     nodes = {n.name: n for n in program.graph.nodes}
@@ -65,8 +63,7 @@ def merge(program: Program, report: SiteReport, targets: list[Target]) -> int:
         group_nodes = {nodes[t.site.node] for t in group}
         tensor = program.tensor(weight)
         if len({t.site.path for t in group}) == 1 and _readers(program, holders) <= group_nodes:
-            update = _delta(group[0])
-            program.replace(weight, merged(tensor, update, group[0].site.layout))
+            program.replace(weight, merged(tensor, group[0]))
             changed += 1
             continue
         for target in group:  # copy-on-write: the site reads its own merged copy
@@ -74,9 +71,8 @@ def merge(program: Program, report: SiteReport, targets: list[Target]) -> int:
             if node.op == "call_module":
                 raise UnsupportedError(f"site {target.site.path!r}: its weight {weight!r} is also read outside the "
                                        "module; trace with torch.export (example inputs) to merge it")
-            update = _delta(target)
             name = _unique(program, f"{full_path(report, target.site.path)}.weight")
-            fresh = program.add(name, merged(tensor, update, target.site.layout), parameter=True)
+            fresh = program.add(name, merged(tensor, target), parameter=True)
             _rewire_weight(program, node, fresh)
             changed += 1
     return changed
@@ -84,7 +80,7 @@ def merge(program: Program, report: SiteReport, targets: list[Target]) -> int:
 
 def _rewire_weight(program: Program, node: Node, fresh: Node) -> None:
     """Make ``node`` read ``fresh`` where it read the shared weight, replaying any transposes in between."""
-    index = 2 if node.target in ADDMM else 1
+    index = 2 if node.target in ADDMM else 0 if node.target == aten.embedding.default else 1
     chain, current = [], node.args[index]
     while isinstance(current, Node) and current.op == "call_function" and current.target in PASS_WEIGHT:
         chain.append(current)

@@ -1,4 +1,4 @@
-"""Find every linear layer (site) of an fx graph and name it by its torch module path.
+"""Find every linear layer and embedding (site) of an fx graph and name it by its torch module path.
 
 A site is a call of ``aten.linear`` / ``aten.addmm`` / ``aten.mm`` / ``aten.matmul`` / ``aten.bmm`` whose weight
 operand is a 2-D parameter (or buffer) of the model, possibly through ``t``/``permute``/``transpose``, aliases,
@@ -6,7 +6,8 @@ or the expand + view a decomposed matmul broadcasts it with (``run_decomposition
 ``torch.fx.symbolic_trace`` graph, a ``call_module`` of an ``nn.Linear`` / transformers ``Conv1D`` leaf.
 A LoRA branch's own ``<path>.lora_A``/``lora_B`` never makes a site. The layout is the stored parameter's:
 ``out_in`` for ``aten.linear`` and for ``mm`` of a transposed weight, ``in_out`` for ``addmm``/``mm``/``matmul``
-of the weight itself (GPT-2 Conv1D).
+of the weight itself (GPT-2 Conv1D). An ``aten.embedding`` of a 2-D parameter inside an ``nn.Embedding`` is an
+embedding site (its table [rows, dim] in torch's layout, the ids as input).
 
 The path comes from, in order: the ``nn_module_stack`` node metadata torch.export records (innermost
 module; symbolic_trace records none for ops of the root's own forward, which are then no site), the
@@ -50,6 +51,27 @@ LORA_STATE = (".lora_A", ".lora_B")
 def dtype_name(dtype: torch.dtype) -> str:
     """The dtype in the Site vocabulary (the ONNX element type's name: float, float16, bfloat16, ...)."""
     return _DTYPES.get(dtype, str(dtype).removeprefix("torch."))
+
+
+class WeightView:
+    """What an fx site sees of its weight (the storage-view verbs kinds read: ``shape``, ``dtype``, ``read()`` in
+    float32 and torch's layout); ``store`` is the tensor itself, so tied weights share it. fx merge edits state."""
+
+    def __init__(self, tensor: torch.Tensor, layout: str) -> None:
+        self.store, self.layout = tensor, layout
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        shape = tuple(self.store.shape)
+        return shape[::-1] if self.layout == "in_out" else shape
+
+    @property
+    def dtype(self) -> str:
+        return dtype_name(self.store.dtype)
+
+    def read(self):
+        w = self.store.detach().to(torch.float32).cpu()
+        return (w.T if self.layout == "in_out" else w).contiguous().numpy()
 
 
 def _class_name(cls: object) -> str:
@@ -143,14 +165,45 @@ def _module_of_weight(target: str) -> str | None:
 
 class _Found:
     def __init__(self, node: Node, x: Node, weight: str, layout: str, bias: str | None, path: str | None, source: str,
-                 cls: str | None, op: str, tensor: torch.Tensor) -> None:
+                 cls: str | None, op: str, tensor: torch.Tensor, kind: str = "linear") -> None:
         self.node, self.x, self.weight, self.layout, self.bias = node, x, weight, layout, bias
-        self.path, self.source, self.cls, self.op, self.tensor = path, source, cls, op, tensor
+        self.path, self.source, self.cls, self.op, self.tensor, self.kind = path, source, cls, op, tensor, kind
+
+    @property
+    def layer_class(self) -> bool | None:
+        """Whether the module is one PEFT adapts as this kind of site (None: the class cannot be resolved)."""
+        if self.kind == "embedding":
+            klass = _class(self.cls)
+            return None if klass is None else issubclass(klass, torch.nn.Embedding)
+        return is_linear_module(self.cls)
+
+
+def _module_path(node: Node, stacks: bool, target: str) -> tuple[str | None, str, object]:
+    """(path, source, class) of the module whose forward runs ``node``."""
+    stack = _stack(node)
+    if stack:  # the module whose forward runs the op: PEFT's LoRA wraps exactly that call
+        return stack[-1][0] or None, SOURCE_STACK, stack[-1][1]
+    if stacks:  # the tracer records module stacks and this op has none: it runs in the root's forward
+        return None, "", None
+    return _module_of_weight(target), SOURCE_PARAMETER, None
+
+
+def _as_embedding(program: Program, node: Node, stacks: bool) -> _Found | None:
+    """``aten.embedding(table, ids, ...)`` of a 2-D parameter: an embedding site (table [rows, dim], torch layout)."""
+    table, ids = node.args[0], node.args[1]
+    target = program.target(table)
+    if target is None or target.endswith(LORA_STATE) or program.tensor(target).dim() != 2 or not isinstance(ids, Node):
+        return None
+    path, source, cls = _module_path(node, stacks, target)
+    return _Found(node, ids, target, "out_in", None, path, source, cls, "aten.embedding", program.tensor(target),
+                  "embedding")
 
 
 def _as_linear(program: Program, node: Node, stacks: bool) -> _Found | None:
     if node.op == "call_module":
         return _as_module(program, node)
+    if node.op == "call_function" and node.target == aten.embedding.default:
+        return _as_embedding(program, node, stacks)
     if node.op != "call_function" or node.target not in LINEAR_OPS or node.kwargs.get("out") is not None:
         return None
     op = LINEAR_OPS[node.target]
@@ -169,13 +222,7 @@ def _as_linear(program: Program, node: Node, stacks: bool) -> _Found | None:
     linear = node.target in (aten.linear.default, torch.nn.functional.linear)
     layout = "out_in" if linear != transposed else "in_out"  # linear reads W.T; a transpose flips that
     bias_target = program.target(bias) if bias is not None else None
-    stack = _stack(node)
-    if stack:  # the module whose forward runs the op: PEFT's LoRA wraps exactly that call
-        path, source, cls = stack[-1][0] or None, SOURCE_STACK, stack[-1][1]
-    elif stacks:  # the tracer records module stacks and this op has none: it runs in the root's forward
-        path, source, cls = None, "", None
-    else:
-        path, source, cls = _module_of_weight(target), SOURCE_PARAMETER, None
+    path, source, cls = _module_path(node, stacks, target)
     return _Found(node, x, target, layout, bias_target, path, source, cls, op, program.tensor(target))
 
 
@@ -233,7 +280,7 @@ def find_sites(program: Program, prefix: str | None = None, wanted: Collection[s
     """
     stacks = any(n.meta.get("nn_module_stack") for n in program.graph.nodes)
     found = [f for node in program.graph.nodes if (f := _as_linear(program, node, stacks)) is not None]
-    named = [f for f in found if f.path and is_linear_module(f.cls) is not False]
+    named = [f for f in found if f.path and f.layer_class is not False]
     unresolved = [f.node.name if not f.path else f"{f.node.name} (in {f.path}, a {_class_name(f.cls)}: not a LoRA layer)"
                   for f in found if f not in named]
     roots = _root_scope(named)
@@ -248,11 +295,12 @@ def find_sites(program: Program, prefix: str | None = None, wanted: Collection[s
     sites = []
     for f in named:
         rows, cols = f.tensor.shape
-        in_f, out_f = (cols, rows) if f.layout == "out_in" else (rows, cols)
+        in_f, out_f = (cols, rows) if f.layout == "out_in" and f.kind == "linear" else (rows, cols)
         sites.append(Site(path=strip_prefix(f.path, chosen), op=f.op, node=f.node.name, weight=f.weight, layout=f.layout,
                           in_features=int(in_f), out_features=int(out_f), dtype=dtype_name(f.tensor.dtype),
                           output=f.node.name, input=f.x.name, bias=f.bias, source=f.source,
-                          module_class=_class_name(f.cls) if f.cls is not None else None))
+                          module_class=_class_name(f.cls) if f.cls is not None else None, kind=f.kind,
+                          storage=WeightView(f.tensor, f.layout)))
     heads = sorted({s.path for s, f in zip(sites, named) if _is_output_head(f.node)})
     return SiteReport(sites, unresolved, prefix=chosen, prefix_source=how if chosen else "none", output_heads=heads)
 

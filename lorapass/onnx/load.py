@@ -8,6 +8,7 @@ from pathlib import Path
 import onnx_ir as ir
 
 from lorapass.errors import ModelError
+from lorapass.onnx.dialects import SOURCE
 
 
 def load_model(path: str | os.PathLike) -> ir.Model:
@@ -30,6 +31,7 @@ def load_model(path: str | os.PathLike) -> ir.Model:
     if len(model.graph) == 0 and not model.graph.outputs:
         raise ModelError(f"{path}: not an ONNX model: it has no graph (no nodes, no outputs)")
     check_external_data(model, path)
+    model.graph.meta[SOURCE] = path  # the dialect reads the files beside it (genai_config.json)
     return model
 
 

@@ -14,7 +14,7 @@ import os
 import shutil
 import threading
 from collections import deque
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -195,12 +195,15 @@ def _cores() -> int:
 
 
 def save_model(model: ir.Model, source: str | os.PathLike, out: str | os.PathLike, progress: bool | None = None,
-               inputs: Iterable[str | os.PathLike] = ()) -> SaveStats:
+               inputs: Iterable[str | os.PathLike] = (),
+               companions: Mapping[Path, Callable[[Path], None]] | None = None) -> SaveStats:
     """Save ``model`` (loaded from ``source``) to ``out``, all or nothing.
 
     No output file (model, data files, temporaries) may be ``source``, its external data or any of ``inputs``
-    (e.g. the adapter's files, the rules file): ModelError before anything is written.
+    (e.g. the adapter's files, the rules file): ModelError before anything is written. ``companions`` are more
+    output files committed with the model (path -> a function writing it at the temporary path it is given).
     """
+    companions = dict(companions or {})
     source, out = Path(source).resolve(), Path(os.path.abspath(out))
     initializers = list(model.graph.initializers.values())
     external = [v for v in initializers if isinstance(v.const_value, ir.ExternalTensor)]
@@ -209,7 +212,10 @@ def save_model(model: ir.Model, source: str | os.PathLike, out: str | os.PathLik
     names = _data_names(locations, out)
     read = [source, *(source.parent / loc for loc in locations), *map(Path, inputs)]
     stats = SaveStats()
-    with Transaction([out, *(out.parent / name for name in names.values())], read) as commit, _Writer() as io:
+    outputs = [out, *(out.parent / name for name in names.values()), *companions]
+    with Transaction(outputs, read) as commit, _Writer() as io:
+        for path, write in companions.items():
+            write(commit.temp(path))
         files: dict[str, _DataFile] = {}
         for loc, name in names.items():
             tmp = commit.temp(out.parent / name)
@@ -308,7 +314,7 @@ def _place_tensor(value: ir.Value, files: dict[str, _DataFile], primary: _DataFi
         io.fold(file.tmp, offset, *tensor.operands())
         nbytes = tensor.nbytes
     else:
-        array = tensor.numpy()
+        array = tensor.numpy() if tensor.dtype.bitwidth >= 8 else np.frombuffer(tensor.tobytes(), np.uint8)  # int4: packed
         io.write(file.tmp, offset, array)
         nbytes = array.nbytes
     file.size = max(file.size, offset + nbytes)

@@ -17,11 +17,13 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 import numpy as np
 import onnx_ir as ir
 
 from lorapass.onnx.fold import FoldedTensor, read
+from lorapass.onnx.loss import Loss, measure
 from lorapass.onnx.save import REPLACES
 
 _SEE_THROUGH = {"Identity", "Transpose"}
@@ -60,11 +62,17 @@ def readers(value: ir.Value) -> set[ir.Node]:
 
 
 class Store(ABC):
-    """One stored weight; subclasses say how it is laid out and encoded."""
+    """One stored weight; subclasses say how it is laid out and encoded.
+
+    A ``lossy`` store cannot hold every float weight (a quantized one): its :meth:`roundtrip` is what a written
+    weight reads back as, and each write records in ``losses`` how much of each site's delta it kept."""
+
+    lossy: ClassVar[bool] = False
 
     def __init__(self, name: str, shape: tuple[int, ...], dtype: str) -> None:
         self.name, self.shape, self.dtype = name, shape, dtype
         self.edits: dict[ir.Node, list[Edit]] = {}
+        self.losses: list[Loss] = []
 
     @abstractmethod
     def readers(self) -> set[ir.Node]:
@@ -88,6 +96,15 @@ class Store(ABC):
     def describe(self) -> str:
         return type(self).__name__
 
+    def roundtrip(self, w: np.ndarray) -> np.ndarray:
+        """What the store reads back as after writing ``w`` (float32, torch layout); lossless stores hold ``w``."""
+        return w
+
+    def identity(self) -> tuple:
+        """Stores with equal identities are one weight (discovery keeps one store per weight, so that the sites
+        of several nodes reading it, such as both branches of an ``If``, edit it together)."""
+        return (id(self),)
+
 
 @dataclass
 class View:
@@ -106,6 +123,11 @@ class View:
     @property
     def dtype(self) -> str:
         return self.store.dtype
+
+    @property
+    def stores(self) -> list[Store]:
+        """The stores this view edits (one, or several for a module split over several weights)."""
+        return [self.store]
 
     def read(self) -> np.ndarray:
         """The site's weight as float32 in torch's layout (the base value: edits are applied at commit)."""
@@ -132,6 +154,79 @@ class View:
         return f"rows {start}:{stop} of {self.store.describe()}"
 
 
+class Joined:
+    """A module whose rows an exporter stored in several weights (Phi-3's ``qkv_proj`` split into q/k/v nodes):
+    the views of its parts stacked by rows, with a view's verbs. ``add`` gives each part its rows of ``up`` (the
+    same ``down``); ``update(fn)`` gives each part its rows of ``fn`` applied to the whole module."""
+
+    def __init__(self, parts: list[View]) -> None:
+        self.parts = parts
+        self.ops: list[Op] = []
+        self._states: dict[int, np.ndarray] = {}
+
+    @property
+    def node(self) -> ir.Node:
+        return self.parts[0].node
+
+    @property
+    def path(self) -> str:
+        return self.parts[0].path
+
+    @path.setter
+    def path(self, value: str) -> None:
+        for part in self.parts:
+            part.path = value
+
+    @property
+    def rows(self) -> list[int]:
+        """Rows of each part, in order."""
+        return [part.shape[0] for part in self.parts]
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return (sum(self.rows), *self.parts[0].shape[1:])
+
+    @property
+    def dtype(self) -> str:
+        return self.parts[0].dtype
+
+    @property
+    def stores(self) -> list[Store]:
+        return [store for part in self.parts for store in part.stores]
+
+    def read(self) -> np.ndarray:
+        return np.concatenate([part.read() for part in self.parts], axis=0)
+
+    def _blocks(self) -> list[slice]:
+        bounds = np.cumsum([0] + self.rows)
+        return [slice(int(a), int(b)) for a, b in zip(bounds[:-1], bounds[1:])]
+
+    def add(self, up: np.ndarray, down: np.ndarray) -> None:
+        if up.shape[0] != self.shape[0]:
+            raise ValueError(f"{self.describe()}: update {up.shape} @ {down.shape} does not fit {self.shape}")
+        self.ops.append(LowRank(np.asarray(up, np.float32), np.asarray(down, np.float32)))
+        for part, block in zip(self.parts, self._blocks()):
+            part.add(up[block], down)
+
+    def update(self, fn: Callable[[np.ndarray], np.ndarray]) -> None:
+        self.ops.append(fn)
+        step = len(self.ops)
+        for part, block in zip(self.parts, self._blocks()):
+            part.update(lambda _w, block=block: self._state(step)[block])
+
+    def _state(self, step: int) -> np.ndarray:
+        """The whole module after its first ``step`` edits (float32, computed once)."""
+        if step not in self._states:
+            w = self.read()
+            for op in self.ops[:step]:
+                w = op(w)
+            self._states[step] = w
+        return self._states[step]
+
+    def describe(self) -> str:
+        return ", ".join(part.describe() for part in self.parts)
+
+
 def _apply(store: Store, edits: list[Edit]) -> np.ndarray:
     w = store.read()
     for edit in edits:
@@ -155,6 +250,32 @@ def _as_low_rank(store: Store, edits: list[Edit]) -> LowRank | None:
     return LowRank(up, np.concatenate([e.op.down for e in edits], axis=0))
 
 
+def _losses(store: Store, edits: list[Edit], w: np.ndarray) -> list[Loss]:
+    return measure(store.name, edits, store.read(), w, store.roundtrip(w))
+
+
+def _merged(store: Store, edits: list[Edit]) -> Callable[[], np.ndarray]:
+    """The weight after ``edits``, computed when written; a lossy store records what the write keeps."""
+    def compute() -> np.ndarray:
+        w = _apply(store, edits)
+        if store.lossy:
+            store.losses += _losses(store, edits, w)
+        return w
+
+    return compute
+
+
+def dry_run(stores: list[Store]) -> list[Loss]:
+    """What writing the lossy stores' pending edits would keep, without writing (the edits are dropped)."""
+    out = []
+    for store in stores:
+        if store.lossy:
+            for edits in store.edits.values():
+                out += _losses(store, edits, _apply(store, edits))
+        store.edits.clear()
+    return out
+
+
 def commit(stores: list[Store], graph: ir.Graph) -> int:
     """Write every edited store once (in place, or copied for each editing node); returns the weights written."""
     written = 0
@@ -166,12 +287,12 @@ def commit(stores: list[Store], graph: ir.Graph) -> int:
         shared = store.readers() <= set(store.edits) and all([(e.rows, e.path) for e in el] == signature for el in lists)
         if shared:
             edits = lists[0]
-            store.write(lambda edits=edits: _apply(store, edits), _as_low_rank(store, edits))
+            store.write(_merged(store, edits), _as_low_rank(store, edits))
             written += 1
         else:
             for node, edits in store.edits.items():
                 path = edits[0].path or store.name
-                store.write_copy(graph, node, lambda edits=edits: _apply(store, edits), unique_name(graph, f"{path}.weight"))
+                store.write_copy(graph, node, _merged(store, edits), unique_name(graph, f"{path}.weight"))
                 written += 1
         store.edits.clear()
     return written
@@ -202,6 +323,9 @@ class Plain(Store):
 
     def describe(self) -> str:
         return self.layout
+
+    def identity(self) -> tuple:
+        return (type(self), id(self.value), self.layout)
 
     def _native(self) -> np.ndarray:
         return read(self.tensor)
@@ -235,10 +359,14 @@ class Plain(Store):
                                                    original.dtype, original.shape, name=name)
         self.value.meta[REPLACES] = original
 
-    def write_copy(self, graph: ir.Graph, node: ir.Node, compute: Callable[[], np.ndarray], name: str) -> None:
-        index = next(i for i, v in enumerate(node.inputs) if v is not None and _behind(v, self.value))
+    def operand(self, node: ir.Node) -> tuple[int, str, tuple[int, ...]]:
+        """(input index, layout, dims) of this weight as ``node`` reads it (through Identity/Transpose)."""
+        index = next(i for i, v in enumerate(node.inputs) if v is not None and behind(v, self.value))
         layout = _operand_layout(node, self.layout)
-        dims = self.shape[::-1] if layout == "in_out" and len(self.shape) == 2 else self.shape
+        return index, layout, self.shape[::-1] if layout == "in_out" and len(self.shape) == 2 else self.shape
+
+    def write_copy(self, graph: ir.Graph, node: ir.Node, compute: Callable[[], np.ndarray], name: str) -> None:
+        index, layout, dims = self.operand(node)
         original = self.tensor
         tensor = ir.LazyTensor(lambda: ir.Tensor(self._encode(compute(), layout), name=name), original.dtype,
                                ir.Shape(dims), name=name)
@@ -247,7 +375,45 @@ class Plain(Store):
         node.replace_input_with(index, new)
 
 
-def _behind(value: ir.Value, source: ir.Value) -> bool:
+class NewBias(Store):
+    """The bias a linear node does not have (zeros until edited); writing it adds one: the Gemm's C input, else an
+    ``Add`` after the node (its readers rerouted, a graph output keeping its name)."""
+
+    def __init__(self, node: ir.Node, features: int, dtype: ir.DataType) -> None:
+        super().__init__(f"{node.name}.bias", (features,), dtype.name.lower())
+        self.node, self.data_type = node, dtype
+
+    def readers(self) -> set[ir.Node]:
+        return set()
+
+    def read(self) -> np.ndarray:
+        return np.zeros(self.shape, np.float32)
+
+    def write(self, compute: Callable[[], np.ndarray], low_rank: LowRank | None) -> None:
+        from lorapass.onnx.edit import reroute
+
+        graph, node = self.node.graph, self.node
+        path = next(iter(self.edits.values()))[0].path or node.name
+        name = unique_name(graph, f"{path}.bias")
+        dtype = np.dtype(self.data_type.numpy())
+        tensor = ir.LazyTensor(lambda: ir.Tensor(compute().astype(dtype), name=name), self.data_type, ir.Shape(self.shape),
+                               name=name)
+        bias = ir.Value(name=name, shape=ir.Shape(self.shape), type=ir.TensorType(self.data_type), const_value=tensor)
+        graph.register_initializer(bias)
+        if node.op_type == "Gemm":
+            node.resize_inputs(3)
+            node.replace_input_with(2, bias)
+            return
+        y = node.outputs[0]
+        add = ir.Node("", "Add", [y, bias], name=f"{path}/bias/Add")
+        graph.insert_after(node, add)
+        reroute(y, add.outputs[0], keep={add}, name=f"{path}.biased")
+
+    def write_copy(self, graph: ir.Graph, node: ir.Node, compute: Callable[[], np.ndarray], name: str) -> None:
+        self.write(compute, None)  # one node only ever edits a bias it does not have
+
+
+def behind(value: ir.Value, source: ir.Value) -> bool:
     """Whether ``value`` is ``source`` or derived from it through Identity/Transpose."""
     while value is not source:
         producer = value.producer()

@@ -1,8 +1,9 @@
 """Site patterns: each recognises one kind of adaptable layer at a node and says how its weight is stored.
 
-A pattern is a function ``node -> Match | Unsupported | None``: a :class:`Match` is a site before naming, an
-:class:`Unsupported` a node that looks adaptable but that lorapass cannot handle (reported by name, never
-silently absent). :data:`PATTERNS` lists them in the order discovery tries them.
+A pattern is a function ``node -> Match | Unsupported | Branch | None``: a :class:`Match` is a site before naming,
+an :class:`Unsupported` a node that looks adaptable but that lorapass cannot handle (reported by name, never
+silently absent), a :class:`Branch` a node of a LoRA branch already in the graph (never a site). :data:`PATTERNS`
+lists them in the order discovery tries them.
 """
 
 from __future__ import annotations
@@ -30,6 +31,8 @@ class Match:
     in_features: int
     out_features: int
     dtype: str  # the activation's element type (the branch computes in it)
+    bias_storage: View | None = None  # the bias as a storage view (one that adds it when the layer has none)
+    kernel: tuple[int, ...] = ()  # a convolution's spatial kernel size
 
 
 @dataclass
@@ -40,7 +43,16 @@ class Unsupported:
     reason: str
 
 
-Pattern = Callable[[ir.Node], "Match | Unsupported | None"]
+@dataclass
+class Branch:
+    """A node of a LoRA branch already in the graph (``x @ A @ B`` added to a linear's output): not a site.
+    ``joins`` is the value the branch is added to (the adapted linear's output, after its bias)."""
+
+    node: ir.Node
+    joins: ir.Value
+
+
+Pattern = Callable[[ir.Node], "Match | Unsupported | Branch | None"]
 
 
 def standard(node: ir.Node) -> bool:
@@ -58,19 +70,23 @@ def constant(value: ir.Value | None) -> ir.Value | None:
     return value
 
 
-def weight_constant(value: ir.Value | None, rank: int = 2) -> ir.Value | None:
-    """An initializer of ``rank`` dimensions behind ``value`` that is not also a graph input (an overridable
-    input, such as a LoRA slot, is no weight)."""
+def fixed(value: ir.Value | None) -> ir.Value | None:
+    """The initializer behind ``value`` unless it is also a graph input (an overridable input, such as a LoRA
+    slot, is no weight)."""
     source = constant(value)
-    if source is None or source.is_graph_input() or len(source.const_value.shape) != rank:
-        return None
-    return source
+    return None if source is None or source.is_graph_input() else source
+
+
+def weight_constant(value: ir.Value | None, rank: int = 2) -> ir.Value | None:
+    """An initializer of ``rank`` dimensions behind ``value`` that is not also a graph input."""
+    source = fixed(value)
+    return source if source is not None and len(source.const_value.shape) == rank else None
 
 
 def _patterns() -> list[Pattern]:
-    from lorapass.onnx.patterns import linear
+    from lorapass.onnx.patterns import conv, embedding, integer, linear, lora, nbits, qdq
 
-    return [linear.match]
+    return [lora.match, linear.match, conv.match, nbits.match, qdq.match, integer.match, embedding.match]
 
 
 PATTERNS: list[Pattern] = _patterns()

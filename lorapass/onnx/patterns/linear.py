@@ -7,7 +7,7 @@ from __future__ import annotations
 import onnx_ir as ir
 
 from lorapass.onnx.patterns import Match, standard, weight_constant, constant
-from lorapass.onnx.storage import Plain, View
+from lorapass.onnx.storage import NewBias, Plain, View
 
 
 def _transposed(value: ir.Value | None) -> ir.Value | None:
@@ -35,12 +35,23 @@ def bias_after(output: ir.Value, out_features: int) -> tuple[ir.Value | None, ir
     return other, add.outputs[0]
 
 
+def _bias_view(node: ir.Node, bias: ir.Value | None, features: int, dtype: ir.DataType) -> View | None:
+    """The bias as a view: its initializer as read by ``node`` (the Gemm, or the Add after a MatMul), a new one
+    when the layer has none, None when it is computed."""
+    if bias is None:
+        return View(NewBias(node, features, dtype), node)
+    source = constant(bias)
+    return View(Plain(source, "out_in"), node) if source is not None and len(source.const_value.shape) == 1 else None
+
+
 def _match(node: ir.Node, weight: ir.Value, tensor: ir.Value, layout: str, bias: ir.Value | None,
            output: ir.Value) -> Match:
     store = Plain(tensor, layout)
     out_f, in_f = store.shape
     dtype = store.dtype
-    return Match(node, View(store, node), "linear", node.inputs[0], output, bias, weight, in_f, out_f, dtype)
+    bias_node = node if node.op_type == "Gemm" or bias is None else output.producer()
+    return Match(node, View(store, node), "linear", node.inputs[0], output, bias, weight, in_f, out_f, dtype,
+                 _bias_view(bias_node, bias, out_f, tensor.const_value.dtype))
 
 
 def match(node: ir.Node) -> Match | None:
@@ -57,15 +68,21 @@ def match(node: ir.Node) -> Match | None:
         out_features = tensor.const_value.shape[1 if layout == "in_out" else 0]
         bias, output = bias_after(node.outputs[0], out_features)
         return _match(node, weight, tensor, layout, bias, output)
-    if node.op_type == "Gemm" and (tensor := weight_constant(rhs)) is not None:
-        attrs = node.attributes
-        if attrs.get("transA") is not None and attrs["transA"].as_int() != 0:
-            return None
-        if attrs.get("alpha") is not None and attrs["alpha"].as_float() != 1.0:
-            return None
-        trans_b = attrs.get("transB") is not None and attrs["transB"].as_int() == 1
-        bias = node.inputs[2] if len(node.inputs) > 2 and node.inputs[2] is not None else None
-        if bias is not None and attrs.get("beta") is not None and attrs["beta"].as_float() != 1.0:
-            return None
-        return _match(node, rhs, tensor, "out_in" if trans_b else "in_out", bias, node.outputs[0])
+    if node.op_type == "Gemm" and (tensor := weight_constant(rhs)) is not None and (plain := gemm(node)) is not None:
+        layout, bias = plain
+        return _match(node, rhs, tensor, layout, bias, node.outputs[0])
     return None
+
+
+def gemm(node: ir.Node) -> tuple[str, ir.Value | None] | None:
+    """(layout of B, bias C) when the Gemm is a plain linear ``A @ op(B) + C`` (no transA, alpha = beta = 1)."""
+    attrs = node.attributes
+    if attrs.get("transA") is not None and attrs["transA"].as_int() != 0:
+        return None
+    if attrs.get("alpha") is not None and attrs["alpha"].as_float() != 1.0:
+        return None
+    trans_b = attrs.get("transB") is not None and attrs["transB"].as_int() == 1
+    bias = node.inputs[2] if len(node.inputs) > 2 and node.inputs[2] is not None else None
+    if bias is not None and attrs.get("beta") is not None and attrs["beta"].as_float() != 1.0:
+        return None
+    return ("out_in" if trans_b else "in_out"), bias

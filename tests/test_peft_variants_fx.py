@@ -1,0 +1,70 @@
+"""The fx frontend on PEFT's DoRA and embedding LoRA: merge edits the program's state, dynamic inserts nodes, both
+equal PEFT's unmerged eager output; kinds the fx pass does not apply are refused by name."""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import pytest
+import torch
+from builders import Wrapper, build, eager, example_ids, rel_err
+from variants import make_variant
+
+from lorapass import fx
+from lorapass.errors import UnsupportedError
+from lorapass.fx.trace import trace
+from lorapass.onnx.slots import METADATA_KEY
+
+TOL = 1e-4
+
+
+@pytest.fixture(scope="module")
+def llama():
+    model = build("llama")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return model, trace(Wrapper(model), (example_ids(),))
+
+
+def run(program, ids: torch.Tensor) -> np.ndarray:
+    with torch.no_grad():
+        return program.module()(ids).numpy()
+
+
+@pytest.mark.parametrize("config", [
+    dict(r=4, lora_alpha=8, target_modules="all-linear", use_dora=True),
+    dict(r=4, lora_alpha=8, target_modules=["embed_tokens", "q_proj"]),
+    dict(r=4, lora_alpha=8, target_modules=["embed_tokens", "o_proj"], use_dora=True),
+], ids=["dora-all-linear", "embedding", "embedding-dora"])
+def test_fx_merge_and_dynamic_match_peft(llama, tmp_path, config):
+    model, program = llama
+    peft_model = make_variant(model, tmp_path / "ad", seed=4, **config)
+    ids = example_ids(batch=2, seq=9, seed=3)
+    expected = eager(peft_model, ids)
+    assert rel_err(eager(model, ids), expected) > 1e-3
+    merged = fx.apply(program, tmp_path / "ad", "merge")
+    assert rel_err(run(merged.program, ids), expected) <= TOL
+    dynamic = fx.apply(program, tmp_path / "ad", "dynamic")
+    assert rel_err(run(dynamic.program, ids), expected) <= TOL
+    records = dynamic.program.graph_module.meta[METADATA_KEY]
+    assert {r["slot"] for r in records} == ({"embedding", "linear"} if "embed_tokens" in config["target_modules"]
+                                            else {"linear"})
+    assert all(("dora_factor" in r) == bool(config.get("use_dora")) for r in records)
+
+
+def test_fx_refuses_kinds_it_does_not_apply(llama, tmp_path):
+    model, program = llama
+    make_variant(model, tmp_path / "ad", seed=5, r=4, lora_alpha=8, target_modules=["q_proj"], modules_to_save=["lm_head"])
+    for strategy in ("merge", "dynamic"):
+        with pytest.raises(UnsupportedError, match=r"lm_head\.weight.*replaced module.*fx frontend"):
+            fx.apply(program, tmp_path / "ad", strategy)
+
+
+def test_fx_lora_bias_dynamic_matches_peft_merge_refused(llama, tmp_path):
+    model, program = llama
+    peft_model = make_variant(model, tmp_path / "ad", seed=6, r=4, lora_alpha=8, target_modules=["v_proj"], lora_bias=True)
+    ids = example_ids(batch=2, seq=9, seed=3)
+    assert rel_err(run(fx.apply(program, tmp_path / "ad", "dynamic").program, ids), eager(peft_model, ids)) <= TOL
+    with pytest.raises(UnsupportedError, match=r"lora_B\.bias.*'bias'.*merge"):
+        fx.apply(program, tmp_path / "ad", "merge")
