@@ -9,15 +9,19 @@ after removing temporaries. No traceback is printed unless ``--debug`` is given 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import sys
 import traceback
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from contextlib import nullcontext
 
+from lorapass import progress, shorthand
 from lorapass.atomic import Terminated
+from lorapass.cost.cli import add_analyse_parser, add_calibrate_parser
 from lorapass.errors import LorapassError, LorapassWarning, RuleError
+from lorapass.fx.cli import add_export_parser
 
 
 def _add_selection(p: argparse.ArgumentParser) -> None:
@@ -66,26 +70,10 @@ def aliases(args: argparse.Namespace) -> dict[str, str]:
     return parse_aliases(args.alias)
 
 
-def _slot_rule(args: argparse.Namespace):
-    """``--target/--rank/--alpha``: a rule for LoRA-ready slots when no adapter is given."""
-    if not args.target:
-        return args.rules
-    if args.adapter or args.rules:
-        raise RuleError("--target makes empty LoRA slots; it does not combine with --adapter or --rules")
-    from lorapass.rules import MAX_RANK, LoraRule, _validated
-
-    if not 1 <= args.rank <= MAX_RANK:
-        raise RuleError(f"--rank {args.rank}: the slot rank must be 1..{MAX_RANK}")
-    target = args.target[0] if len(args.target) == 1 and args.target[0].lower() == "all-linear" else args.target
-    return _validated(LoraRule, dict(name="slots", target_modules=target, r=args.rank,
-                                     strategy="multi" if args.slots else "dynamic", use_dora=args.dora,
-                                     lora_alpha=args.rank if args.alpha is None else args.alpha), "--target/--rank/--alpha")
-
-
 def _cmd_rewrite(args: argparse.Namespace) -> int:
     from lorapass.onnx.rewrite import rewrite
 
-    rules = _slot_rule(args)
+    rules = shorthand.rule(args, "slots", "multi" if args.slots else "dynamic", use_dora=args.dora) or args.rules
     result = rewrite(args.model, args.output, adapter=args.adapter, rules=rules, strategy=args.strategy,
                      prefix=args.prefix, allow_pickle=args.allow_pickle, force=args.force, aliases=aliases(args),
                      slots=args.slots, **_binding(args))
@@ -137,6 +125,34 @@ def _cmd_export_adapter(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_verify(args: argparse.Namespace) -> int:
+    from lorapass.verify import verify
+
+    report = verify(args.base, args.rewritten, args.adapter, args.inputs, args.tol, prefix=args.prefix, atol=args.atol,
+                    aliases=aliases(args))
+    if args.json:
+        print(json.dumps(report.to_dict(), indent=2))
+    else:
+        for o in report.outputs:
+            allowed = f"rtol {report.tolerance:g}" + (f" + atol {report.atol:g}" if report.atol else "")
+            print(f"{'ok  ' if o.passed else 'FAIL'} {o.name}: max abs {o.max_abs:.3e}, relative {o.max_rel:.3e} "
+                  f"({allowed}); the adapter moves it by {o.changed_from_base:.3e}")
+    if not report.passed:
+        bad = ", ".join(f"{o.name} (max abs {o.max_abs:.3e}, relative {o.max_rel:.3e})" for o in report.outputs if not o.passed)
+        print(f"lorapass: verify failed: {bad} past tolerance {report.tolerance:g}", file=sys.stderr)
+    return 0 if report.passed else 1
+
+
+def _tolerance(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not value >= 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {text!r}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lorapass", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -151,10 +167,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true",
                    help="rewrite even a graph with lorapass LoRA slots, or one lorapass already merged this adapter into")
     _add_selection(p)
-    slots = p.add_argument_group("LoRA-ready slots (dynamic, no adapter): zero weights, output equals the base")
-    slots.add_argument("--target", nargs="+", metavar="MODULE", help="target_modules suffixes, or all-linear")
-    slots.add_argument("--rank", type=int, default=8, help="default slot rank (adapters of any rank fit later)")
-    slots.add_argument("--alpha", type=float, help="recorded alpha (default: rank)")
+    slots = shorthand.add_arguments(p, "LoRA-ready slots (dynamic, no adapter): zero weights, output equals the base",
+                                    "default slot rank (adapters of any rank fit later)")
     slots.add_argument("--dora", action="store_true",
                        help="DoRA-ready slots: a per-output factor input (ones by default) for DoRA adapters; plain "
                             "LoRA adapters run on them too")
@@ -182,14 +196,25 @@ def build_parser() -> argparse.ArgumentParser:
     add_alias_option(p)
     p.set_defaults(func=_cmd_export_adapter)
 
-    from lorapass.cost.cli import add_analyse_parser, add_calibrate_parser
-    from lorapass.fx.cli import add_export_parser
-    from lorapass.verify import add_verify_parser
+    p = sub.add_parser("verify", help="compare a rewritten model with the base merged by an independent numpy path")
+    p.add_argument("base", help="the base .onnx the rewrite started from")
+    p.add_argument("rewritten", help="the rewritten .onnx (merge or dynamic)")
+    p.add_argument("--adapter", required=True, metavar="DIR", help="the PEFT adapter the rewrite applied")
+    p.add_argument("--inputs", metavar="NPZ", help="input arrays by name (default: random inputs of the right dtypes)")
+    p.add_argument("--tol", "--rtol", dest="tol", type=_tolerance, default=1e-4, metavar="RTOL",
+                   help="allowed max |error| as a fraction of max |reference|, per output (default 1e-4)")
+    p.add_argument("--atol", type=_tolerance, default=0.0,
+                   help="absolute allowance added to it: pass when max |error| <= atol + rtol * max |reference| (default 0)")
+    p.add_argument("--prefix", help="wrapper scope to strip from module paths (default: detected)")
+    add_alias_option(p)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=_cmd_verify)
 
-    add_verify_parser(sub)
     add_analyse_parser(sub)
     add_calibrate_parser(sub)
     add_export_parser(sub)
+    for command in sub.choices.values():
+        command.set_defaults(func=_without_bars_for_json(command.get_default("func")))
     return parser
 
 
@@ -207,6 +232,17 @@ def _show_warning(message, category, filename, lineno, file=None, line=None, _de
         print(f"lorapass: warning: {message}", file=sys.stderr)
     else:
         _default(message, category, filename, lineno, file, line)
+
+
+def _without_bars_for_json(func: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
+    """``func`` with progress bars hidden when the command prints JSON (they are hidden when piped anyway)."""
+
+    @functools.wraps(func)
+    def run(args: argparse.Namespace) -> int:
+        with progress.hidden(getattr(args, "json", False)):
+            return func(args)
+
+    return run
 
 
 def main(argv: Sequence[str] | None = None) -> int:

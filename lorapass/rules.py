@@ -50,7 +50,6 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from lorapass.errors import AdapterError, LorapassWarning, RuleError, UnsupportedError
@@ -403,6 +402,8 @@ def _examples(paths: Sequence[str], count: int = 3) -> str:
 
 
 def _load_yaml(path: str | Path) -> Any:
+    import yaml  # only rules files need it: adapters and the command line do not pay for it
+
     try:
         return yaml.safe_load(Path(path).read_text(encoding="utf-8"))
     except OSError as err:

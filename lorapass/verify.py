@@ -26,6 +26,7 @@ from lorapass.errors import ModelError, UnsupportedError
 from lorapass.onnx.load import load_model
 from lorapass.onnx.sites import find_sites
 from lorapass.plan import Target, plan
+from lorapass.progress import bar
 
 SYMBOLIC_SIZES = (2, 7)  # a symbolic dimension gets 2 first (batch), 7 after (sequence)
 
@@ -241,7 +242,7 @@ def _reference(base: Path, targets: list[Target], adapter: Adapter, folder: Path
     behind = {n.output[0]: n.input[0] for g in graphs for n in g.node if n.op_type == "Identity"}
     edits: dict[str, list[tuple[str, str, slice, Callable, str]]] = {}
     quantized: dict[str, np.ndarray] = {}  # quantized node -> its merged float64 weight [out, in]
-    for target in targets:
+    for target in bar(targets, desc="reference merge", unit="site"):
         site = target.site
         for node, weight, layout, rows, module_rows in _placements(site):
             edit = lambda w, m=target.module, r=module_rows: _reference_rows(m, w, r)  # noqa: E731
@@ -393,7 +394,8 @@ def verify(base: str | os.PathLike, rewritten: str | os.PathLike, adapter: str |
         missing = sorted(set(outputs) - {o.name for o in sessions["rewritten"].get_outputs()})
         if missing:
             raise ModelError(f"{rewritten}: lacks the base model's output(s) {missing}")
-        results = {role: dict(zip(outputs, s.run(outputs, feeds))) for role, s in sessions.items()}
+        runs = bar(sessions.items(), desc="running", unit="model")
+        results = {role: dict(zip(outputs, s.run(outputs, feeds))) for role, s in runs}
     checks = VerifyReport(tol, atol=atol)
     for name in outputs:
         ref = results["reference"][name].astype(np.float64)
@@ -402,54 +404,3 @@ def verify(base: str | os.PathLike, rewritten: str | os.PathLike, adapter: str |
         moved = float(np.abs(results["base"][name].astype(np.float64) - ref).max())
         checks.outputs.append(OutputCheck(name, err, err / scale, moved / scale, err <= atol + tol * scale))
     return checks
-
-
-def add_verify_parser(subparsers) -> None:
-    p = subparsers.add_parser("verify", help="compare a rewritten model with the base merged by an independent numpy path")
-    p.add_argument("base", help="the base .onnx the rewrite started from")
-    p.add_argument("rewritten", help="the rewritten .onnx (merge or dynamic)")
-    p.add_argument("--adapter", required=True, metavar="DIR", help="the PEFT adapter the rewrite applied")
-    p.add_argument("--inputs", metavar="NPZ", help="input arrays by name (default: random inputs of the right dtypes)")
-    p.add_argument("--tol", "--rtol", dest="tol", type=_tolerance, default=1e-4, metavar="RTOL",
-                   help="allowed max |error| as a fraction of max |reference|, per output (default 1e-4)")
-    p.add_argument("--atol", type=_tolerance, default=0.0,
-                   help="absolute allowance added to it: pass when max |error| <= atol + rtol * max |reference| (default 0)")
-    p.add_argument("--prefix", help="wrapper scope to strip from module paths (default: detected)")
-    from lorapass.cli import add_alias_option
-
-    add_alias_option(p)
-    p.add_argument("--json", action="store_true")
-    p.set_defaults(func=_cmd_verify)
-
-
-def _tolerance(text: str) -> float:
-    import argparse
-
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-    if not value >= 0 or value == float("inf"):
-        raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {text!r}")
-    return value
-
-
-def _cmd_verify(args) -> int:
-    import json
-    import sys
-
-    from lorapass.cli import aliases
-
-    report = verify(args.base, args.rewritten, args.adapter, args.inputs, args.tol, prefix=args.prefix, atol=args.atol,
-                    aliases=aliases(args))
-    if args.json:
-        print(json.dumps(report.to_dict(), indent=2))
-    else:
-        for o in report.outputs:
-            allowed = f"rtol {report.tolerance:g}" + (f" + atol {report.atol:g}" if report.atol else "")
-            print(f"{'ok  ' if o.passed else 'FAIL'} {o.name}: max abs {o.max_abs:.3e}, relative {o.max_rel:.3e} "
-                  f"({allowed}); the adapter moves it by {o.changed_from_base:.3e}")
-    if not report.passed:
-        bad = ", ".join(f"{o.name} (max abs {o.max_abs:.3e}, relative {o.max_rel:.3e})" for o in report.outputs if not o.passed)
-        print(f"lorapass: verify failed: {bad} past tolerance {report.tolerance:g}", file=sys.stderr)
-    return 0 if report.passed else 1

@@ -27,15 +27,15 @@ REPO = Path(__file__).resolve().parents[1]
 DRIVER = r"""
 import os, sys, time
 import lorapass.atomic as atomic
-import lorapass.onnx.storage as storage
+import lorapass.onnx.save as save
 
-fold = storage.fold
-def paused_fold(*args):
+place = save._place_tensor
+def paused_place(*args):
     if os.environ.get("PAUSE_FOLD"):
         print("FOLDING", flush=True)
         time.sleep(60)
-    return fold(*args)
-storage.fold = paused_fold  # the merge kernel as the storage commit calls it
+    return place(*args)
+save._place_tensor = paused_place  # the writer about to fold the merged tensors, on the main thread
 
 replace, commit = os.replace, atomic.Transaction.commit
 def slow_replace(src, dst):

@@ -28,11 +28,21 @@ Decisions (see each module's docstring for the formulas):
 - Memory: worst pipeline stage; activations = largest single-operator working set of a prefill micro-batch.
 """
 
-from lorapass.cost.analysis import Analyser, Analysis, ModelSource, Workload, analyse, sweep
-from lorapass.cost.config import ModelConfig, build_graph, load_config
-from lorapass.cost.hw import HardwareSpec, load_spec
-from lorapass.cost.onnx_ops import load_onnx_graph
-from lorapass.cost.parallel import Layout, enumerate_layouts
+from __future__ import annotations
 
-__all__ = ["Analyser", "Analysis", "HardwareSpec", "Layout", "ModelConfig", "ModelSource", "Workload", "analyse",
-           "build_graph", "enumerate_layouts", "load_config", "load_onnx_graph", "load_spec", "sweep"]
+from typing import TYPE_CHECKING
+
+from lorapass.lazy import attributes
+
+if TYPE_CHECKING:
+    from lorapass.cost.analysis import Analyser, Analysis, ModelSource, Workload, analyse, sweep
+    from lorapass.cost.config import ModelConfig, build_graph, load_config
+    from lorapass.cost.hw import HardwareSpec, load_spec
+    from lorapass.cost.onnx_ops import load_onnx_graph
+    from lorapass.cost.parallel import Layout, enumerate_layouts
+
+_HOMES = {"analysis": ["Analyser", "Analysis", "ModelSource", "Workload", "analyse", "sweep"],
+          "config": ["ModelConfig", "build_graph", "load_config"], "hw": ["HardwareSpec", "load_spec"],
+          "onnx_ops": ["load_onnx_graph"], "parallel": ["Layout", "enumerate_layouts"]}
+__all__ = sorted(name for names in _HOMES.values() for name in names)
+__getattr__, __dir__ = attributes(__name__, {name: f"{__name__}.{module}" for module, names in _HOMES.items() for name in names})

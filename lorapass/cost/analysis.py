@@ -34,6 +34,7 @@ from lorapass.cost.ops import GraphMeta, OpGraph
 from lorapass.cost.parallel import (Layout, blocks, decode_microbatches, divisors, enumerate_layouts, partition,
                                     prefill_microbatches, validate)
 from lorapass.errors import RuleError, SpecError
+from lorapass.progress import bar
 
 
 @dataclass(frozen=True)
@@ -522,7 +523,7 @@ def sweep(source: ModelSource | str | os.PathLike, spec: HardwareSpec, devices: 
     counts = [devices] if isinstance(devices, int) else list(devices)
     results, skipped = [], {}
     for n in counts:
-        for layout in enumerate_layouts(analyser.meta, n, workload.batch, sp=sp):
+        for layout in bar(enumerate_layouts(analyser.meta, n, workload.batch, sp=sp), desc=f"{n} devices", unit="layout"):
             try:
                 results.append(analyser.analyse(layout, keep_ops=False))
             except SpecError as exc:

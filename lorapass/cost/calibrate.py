@@ -22,6 +22,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from lorapass.errors import SpecError
+from lorapass.progress import bar
 
 
 def _session(model: onnx.ModelProto, threads: int | None):
@@ -130,7 +131,7 @@ def measure(threads: int | None = None, quick: bool = False) -> dict:
     """Every measurement, in the spec's units (TFLOP/s, TB/s, us) plus the raw values."""
     shapes = [(128, 1024, 1024), (512, 2048, 2048)] if quick else [(128, 1024, 1024), (256, 2048, 2048),
                                                                      (512, 2048, 2048), (1024, 4096, 4096)]
-    gemms = {f"{m}x{k}x{n}": gemm_flops(m, k, n, threads) for m, k, n in shapes}
+    gemms = {f"{m}x{k}x{n}": gemm_flops(m, k, n, threads) for m, k, n in bar(shapes, desc="gemm", unit="shape")}
     stream = stream_bandwidth(32 * 2**20 if quick else 64 * 2**20, threads)
     # 128 MiB of 2048x2048 fp32 weights, 4x the largest cache here: DRAM-bound as a decode step is
     gemv = gemv_bandwidth(2048, 2048, layers=8 if quick else 16, threads=threads)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 
+from lorapass import shorthand
 from lorapass.errors import SpecError
 
 
@@ -37,6 +38,8 @@ def _devices(text: str | None) -> list[int] | None:
 
 
 def _rules(args: argparse.Namespace):
+    if args.target:
+        return shorthand.rule(args, "target", args.strategy or "dynamic")
     if args.rules:
         from lorapass.rules import RuleSet
 
@@ -134,6 +137,8 @@ def add_analyse_parser(subparsers) -> argparse.ArgumentParser:
                    help="PEFT adapter directory (its adapter_config.json selects the sites)")
     g.add_argument("--rules", metavar="FILE", help="YAML rules (win over --adapter's config)")
     g.add_argument("--strategy", choices=["merge", "dynamic"], help="default: the rules' own strategy")
+    shorthand.add_arguments(p, "LoRA shorthand (instead of --adapter or --rules; dynamic unless --strategy)",
+                            "LoRA rank (default 8)")
     g = p.add_argument_group("serving many adapters")
     g.add_argument("--workload", metavar="W.yaml",
                    help="simulate continuous batching of this workload (adapters, popularity, arrivals, SLOs)")

@@ -14,18 +14,12 @@ without it.
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from lorapass.lazy import attributes
 
 if TYPE_CHECKING:
     from lorapass.fx.api import FxResult, apply, rewrite
 
 __all__ = ["FxResult", "apply", "rewrite"]
-
-
-def __getattr__(name: str) -> Any:
-    if name in __all__:
-        value = getattr(importlib.import_module("lorapass.fx.api"), name)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module 'lorapass.fx' has no attribute {name!r}")
+__getattr__, __dir__ = attributes(__name__, dict.fromkeys(__all__, "lorapass.fx.api"))

@@ -29,6 +29,7 @@ import onnx_ir as ir
 
 from lorapass.atomic import Transaction
 from lorapass.errors import ModelError, UnsupportedError
+from lorapass.progress import bar
 from lorapass.provenance import input_files
 
 if TYPE_CHECKING:  # torch is an optional dependency: imported only when the pipeline runs
@@ -149,11 +150,15 @@ def export(model: torch.nn.Module | torch.export.ExportedProgram, example_inputs
     if (isinstance(model, torch.nn.Module) and not isinstance(model, torch.fx.GraphModule)
             and example_inputs is None and example_kwargs is None):
         raise ModelError("export needs example inputs (example_inputs and/or example_kwargs) to trace the model")
-    result = apply(model, adapter=adapter, rules=rules, strategy=strategy, example_inputs=example_inputs,
-                   example_kwargs=example_kwargs, dynamic_shapes=dynamic_shapes, prefix=prefix,
-                   allow_pickle=allow_pickle, strict=strict)
-    onnx_model = to_onnx(result, example_inputs, example_kwargs, dynamic_shapes, input_names, output_names,
-                         opset_version, optimize)
-    inputs = input_files([result.adapter], None) if result.adapter is not None else []
-    written = save(onnx_model, path, external_data, inputs) if path is not None else None
+    with bar(total=3, desc="export", unit="step") as steps:  # trace and rewrite, torch.onnx, save
+        result = apply(model, adapter=adapter, rules=rules, strategy=strategy, example_inputs=example_inputs,
+                       example_kwargs=example_kwargs, dynamic_shapes=dynamic_shapes, prefix=prefix,
+                       allow_pickle=allow_pickle, strict=strict)
+        steps.update()
+        onnx_model = to_onnx(result, example_inputs, example_kwargs, dynamic_shapes, input_names, output_names,
+                             opset_version, optimize)
+        steps.update()
+        inputs = input_files([result.adapter], None) if result.adapter is not None else []
+        written = save(onnx_model, path, external_data, inputs) if path is not None else None
+        steps.update()
     return ExportResult(onnx_model, written, result)

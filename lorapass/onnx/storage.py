@@ -22,7 +22,7 @@ from typing import ClassVar
 import numpy as np
 import onnx_ir as ir
 
-from lorapass.onnx.fold import fold, read
+from lorapass.onnx.fold import FoldedTensor, read
 from lorapass.onnx.loss import Loss, measure
 from lorapass.onnx.save import REPLACES
 
@@ -346,15 +346,17 @@ class Plain(Store):
         original = self.tensor
         name = self.value.name
 
-        def lazily() -> ir.Tensor:
-            if low_rank is not None:
-                flat = (low_rank.up, low_rank.down)
-                left, right = flat if self.layout == "out_in" else (flat[1].T.copy(), flat[0].T.copy())
-                w = self._native()
-                return ir.Tensor(fold(w.reshape(w.shape[0], -1), left, right).reshape(w.shape), name=name)
-            return ir.Tensor(self._encode(compute(), self.layout), name=name)
+        def operands() -> tuple[np.ndarray, np.ndarray, np.ndarray]:  # W + left @ right, flattened to 2-D
+            flat = (low_rank.up, low_rank.down)
+            left, right = flat if self.layout == "out_in" else (flat[1].T.copy(), flat[0].T.copy())
+            w = self._native()
+            return w.reshape(w.shape[0], -1), left, right
 
-        self.value.const_value = ir.LazyTensor(lazily, original.dtype, original.shape, name=name)
+        if low_rank is not None:
+            self.value.const_value = FoldedTensor(operands, original.dtype, original.shape, name=name)
+        else:
+            self.value.const_value = ir.LazyTensor(lambda: ir.Tensor(self._encode(compute(), self.layout), name=name),
+                                                   original.dtype, original.shape, name=name)
         self.value.meta[REPLACES] = original
 
     def operand(self, node: ir.Node) -> tuple[int, str, tuple[int, ...]]:
