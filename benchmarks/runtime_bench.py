@@ -185,15 +185,15 @@ def kv_decode_bench(variants: dict[str, tuple[Path, Path | None]], past: int = 5
     block_ratios: dict[str, list[float]] = {name: [] for name in names if name != "base"}
     for block in range(blocks):
         order = names[block % len(names):] + names[:block % len(names)]
-        runners = {}
+        runners, loaded = {}, []
         for name in order:
             path, adapter = variants[name]
             session, options = ort_session(path, threads=threads), ort.RunOptions()
             if adapter is not None:
                 lora = ort.LoraAdapter()
                 lora.Load(str(adapter))
-                options.add_active_adapter(lora)
-                runners[f"{name}.adapter"] = lora  # kept alive with the session
+                options.add_active_adapter(lora)  # RunOptions holds a raw pointer: keep the adapter alive
+                loaded.append(lora)
             runners[name] = lambda s=session, o=options: s.run(["logits"], feeds, o)[0]
         runners = {name: runners[name] for name in names}
         outputs = outputs or {name: run() for name, run in runners.items()}
@@ -209,7 +209,7 @@ def kv_decode_bench(variants: dict[str, tuple[Path, Path | None]], past: int = 5
             times[name] += values
             if name != "base":
                 block_ratios[name].append(statistics.median(values) / statistics.median(local["base"]))
-        del runners
+        del runners, loaded
         gc.collect()
     med = {name: statistics.median(v) * 1e3 for name, v in times.items()}
     reference = outputs.get("merged", outputs["base"])
