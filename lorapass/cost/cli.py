@@ -45,8 +45,14 @@ def _rules(args: argparse.Namespace):
 
         return RuleSet.from_yaml(args.rules)
     if args.adapter:
+        from pathlib import Path
+
+        from lorapass.errors import AdapterError
         from lorapass.rules import LoraRule
 
+        if Path(args.adapter).is_file():
+            raise AdapterError(f"{args.adapter}: analyse reads a PEFT adapter directory's adapter_config.json; "
+                               "describe a single-file (kohya / LyCORIS / diffusers) adapter with --target/--rank/--alpha")
         return LoraRule.from_peft_config(args.adapter)  # the config is all the cost model needs
     return None
 

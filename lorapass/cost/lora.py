@@ -1,8 +1,10 @@
 """LoRA on an operator graph: which sites the rules select, and what each strategy adds.
 
 Selection calls the same :class:`~lorapass.rules.RuleSet` ``select(paths, output_heads)`` the ONNX rewrite
-calls, on the module paths of the graph's linear operators, so the cost model targets exactly the sites a
-rewrite of that graph would.
+calls, on the module paths of the graph's linear and convolution operators (``all-linear`` skips the
+convolutions, as in the rewrite), so the cost model targets exactly the sites a rewrite of that graph would. A
+convolution is priced as its im2col GEMM (output positions x in*kh*kw x out), and so is its LoCon pair: A a
+kernel-shaped conv to r channels, B a 1x1 conv.
 
 - ``dynamic``: per targeted site a GEMM_LORA_A (2·t·in·r), a GEMM_LORA_B (2·t·r·out) and the ADD that joins
   the base output (t·out), every run; with DoRA (``use_dora``) one more per-output multiply (t·out) by the
@@ -44,7 +46,8 @@ def as_ruleset(rules: Any) -> Any:
 def select(graph: OpGraph, rules: Any) -> dict[str, tuple[Any, Any]]:
     """Targeted module path -> (rule, LoraParams), exactly as ``RuleSet.select`` resolves it for these sites."""
     ruleset = as_ruleset(rules)
-    return ruleset.select(graph.linear_paths(), list(graph.meta.output_heads))
+    convs = [op.path for op in graph.ops if op.kind == O.GEMM and op.path and op.onnx_op == "Conv"]
+    return ruleset.select(graph.linear_paths(), [*graph.meta.output_heads, *convs])  # all-linear: linears only
 
 
 def _fuse(rule: Any) -> bool:

@@ -54,6 +54,8 @@ _HEAVY_ELEMENTWISE = {"Gelu": O.GELU_FLOPS, "FastGelu": O.GELU_FLOPS, "BiasGelu"
 _REDUCE = {"ReduceMean", "ReduceSum", "ReduceMax", "ReduceMin", "ReduceProd", "ReduceL2", "ReduceSumSquare",
            "ArgMax", "ArgMin"}
 _SCORE_CHAIN = {"Add", "Mul", "Div", "Sub", "Where", "Cast", "Softmax", "IsNaN", "Dropout", "Max", "Min"}
+_COSTED = ("linear", "conv")
+"""Site kinds the cost model prices as GEMMs (a convolution as im2col: output positions x in*kernel x out)."""
 _LORA = re.compile(r"^(?P<path>.+)\.lora_(?P<kind>A|B)(?:\.weight)?$")
 _BANK = re.compile(r"^(?P<path>.+)\.lora_(?P<kind>A|B)_bank$")
 DISTINCT = "lora_distinct"
@@ -181,7 +183,7 @@ def _static(path: str, mtime: float, prefix: str | None) -> _Static:
                                           and node.op_type not in ("RandomNormal", "RandomUniform")):
             consts.update(o for o in node.output if o)
     st = _Static(Path(path), proto, dims, elem, consts, overridable,
-                 {node: s for node, s in report.by_node().items() if node and s.kind == "linear"}, list(report.output_heads), report.prefix, ranks, symbols)
+                 {node: s for node, s in report.by_node().items() if node and s.kind in _COSTED}, list(report.output_heads), report.prefix, ranks, symbols)
     st.unresolved_sites = list(report.unresolved)
     _classify(st)
     return st
@@ -203,6 +205,11 @@ def _weights_as_inputs(proto: onnx.ModelProto) -> onnx.ModelProto:
     del graph.initializer[:]
     graph.initializer.extend(keep)
     return copy
+
+
+def _positions(y: tuple[float, ...]) -> float:
+    """Output positions of a convolution's output [N, C, *spatial]: the rows of its im2col GEMM."""
+    return float(np.prod((y[0], *y[2:]), dtype=float))
 
 
 def _lora_source(name: str, producers: dict[str, onnx.NodeProto]) -> tuple[str, tuple[str, ...]] | None:
@@ -256,7 +263,7 @@ def _classify(st: _Static) -> None:
     # LoRA nodes of a dynamic rewrite
     lora_b_out: dict[str, tuple[str, ...]] = {}
     for name, n in zip(names, nodes):
-        if n.op_type == "MatMul" and len(n.input) == 2:
+        if n.op_type in ("MatMul", "Conv") and len(n.input) >= 2:
             src = _lora_source(n.input[1], producers)
             if src is not None:
                 st.lora[name] = ("GEMM_LORA_" + src[0], src[1])
@@ -340,7 +347,8 @@ def _classify(st: _Static) -> None:
             p = producers.get(i)
             if p is not None:
                 g.add_edge(name_of[id(p)], name)
-    site_nodes = {n.name: s for n in nodes if (s := st.sites.get(n.name)) is not None and n.name not in st.lora}
+    site_nodes = {n.name: s for n in nodes if (s := st.sites.get(n.name)) is not None and n.name not in st.lora
+                  and s.kind == "linear"}  # convolutions stay replicated
     heads = set(st.output_heads)
 
     def joins_residual(site) -> bool:
@@ -515,6 +523,14 @@ def load_onnx_graph(path: str | os.PathLike, batch: int, q_len: int, kv_len: flo
                 op.weight_bytes = nbytes(n.input[0]) * min((dims or {}).get(DISTINCT, batch), slots) / slots
             elif kind == O.LORA_ADD:
                 op.kind, op.flops = O.LORA_ADD, elements(outs[0])
+            elif n.op_type == "Conv":  # LoCon: a kernel-shaped A [r, in, kh, kw], a 1x1 B [out, r, 1, 1]
+                op.kind = kind
+                w, y = shape(n.input[1]), shape(outs[0])
+                if w and y:
+                    op.tokens = _positions(y)
+                    op.in_features, op.out_features = int(np.prod(w[1:])), int(w[0])
+                    op.rank = op.out_features if kind == O.GEMM_LORA_A else op.in_features
+                    op.flops = 2.0 * op.tokens * op.in_features * op.out_features
             else:
                 op.kind = kind
                 a, b = shape(n.input[0]), shape(n.input[1])
@@ -523,6 +539,13 @@ def load_onnx_graph(path: str | os.PathLike, batch: int, q_len: int, kv_len: flo
                     op.in_features, op.out_features = int(b[-2]), int(b[-1])
                     op.rank = op.out_features if kind == O.GEMM_LORA_A else op.in_features
                     op.flops = 2.0 * op.tokens * b[-2] * b[-1]
+        elif site is not None and site.kind == "conv":  # as im2col: a GEMM per output position
+            op.kind, op.path = O.GEMM, site.path
+            y = shape(outs[0])
+            op.tokens = _positions(y) if y else 0.0
+            op.in_features, op.out_features = site.in_features * int(np.prod(site.kernel)), site.out_features
+            op.flops = 2.0 * op.tokens * op.in_features * op.out_features
+            weight_dtypes[st.elem.get(site.weight, 1)] += op.in_features * op.out_features
         elif site is not None:
             op.kind, op.path = O.GEMM, site.path
             a = shape(site.input)
@@ -555,6 +578,13 @@ def load_onnx_graph(path: str | os.PathLike, batch: int, q_len: int, kv_len: flo
                 batch_dims = float(np.prod(a[:-2], dtype=float)) if len(a) > 2 else 1.0
                 rows = a[-2] if len(a) >= 2 else 1
                 op.flops = 2.0 * batch_dims * rows * a[-1] * b[-1]
+        elif n.op_type in ("Conv", "ConvTranspose"):  # a convolution lorapass does not adapt: its GEMM FLOPs
+            op.kind = O.GEMM
+            w, x, y = shape(n.input[1]), shape(n.input[0]), shape(outs[0]) if outs else None
+            if w and x and y:  # Conv: each output element sums in/groups * kernel products; ConvTranspose: each input
+                per = float(np.prod(w[1:], dtype=float))
+                op.flops = 2.0 * per * (float(np.prod(y, dtype=float)) if n.op_type == "Conv"
+                                        else float(np.prod(x, dtype=float)))
         elif st.kinds.get(name) == O.EMBEDDING:
             op.kind = O.EMBEDDING
             op.weight_bytes = a_out  # the rows read
@@ -601,11 +631,11 @@ def _meta(st: _Static, ops: list[Op], path: Path, batch: int, q_len: int, kv_len
     kv_heads = heads
     layers = sorted({op.layer for op in ops if op.layer is not None})
     hidden = 0
-    sites = list(st.sites.values())
+    sites = [s for s in st.sites.values() if s.kind == "linear"]
     if sites:
         hidden = max((s.in_features for s in sites), key=[s.in_features for s in sites].count)
     if head_dim:
-        narrow = [s.out_features for n, s in st.sites.items() if st.modes.get(n) == "kv_col"]
+        narrow = [s.out_features for s in sites if st.modes.get(s.node) == "kv_col"]
         if narrow:
             kv_heads = max(1, min(narrow) // head_dim)
     vocab = max((s.out_features for s in sites if s.path in st.output_heads), default=0)
