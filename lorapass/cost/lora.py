@@ -57,7 +57,7 @@ def _fuse(rule: Any) -> bool:
 def apply_dynamic(graph: OpGraph, selection: dict[str, tuple[Any, Any]]) -> OpGraph:
     """A copy of ``graph`` with the LoRA operators of every selected site inserted after its base linear."""
     e = DTYPE_BYTES[graph.meta.dtype]
-    sites = [op for op in graph.ops if op.kind == O.GEMM and op.path in selection]
+    sites = [op for op in graph.ops if op.kind == O.GEMM and op.path in selection and not op.blocks]
     groups: dict[str, list[Op]] = defaultdict(list)
     for op in sites:
         if _fuse(selection[op.path][0]):
@@ -74,6 +74,9 @@ def apply_dynamic(graph: OpGraph, selection: dict[str, tuple[Any, Any]]) -> OpGr
     tensors = dict(graph.tensors)
     for op in graph.ops:
         out.append(op)
+        if op.kind == O.GEMM and op.blocks:
+            out += _packed_branch(op, selection, e, tensors)
+            continue
         if op.kind != O.GEMM or op.path not in selection:
             continue
         t = op.tokens
@@ -122,6 +125,34 @@ def apply_dynamic(graph: OpGraph, selection: dict[str, tuple[Any, Any]]) -> OpGr
     return OpGraph(out, graph.meta, tensors)
 
 
+def _packed_branch(op: Op, selection: dict[str, tuple[Any, Any]], e: float, tensors: dict[str, float]) -> list[Op]:
+    """The packed slot of a packed weight's targeted modules, as the rewrite builds it: one A of their summed rank,
+    one B [sum r, all rows] (block-structured, run dense), one ADD and, with DoRA, one per-row multiply."""
+    parts = [(path, selection[path]) for path, _ in op.blocks if path in selection]
+    if not parts:
+        return []
+    paths = tuple(path for path, _ in parts)
+    r = sum(params.r for _, (_, params) in parts)
+    t = op.tokens
+    a = O.gemm(f"{op.path}.lora_A", op.path, t, op.in_features, r, e, layer=op.layer, tp=_A_MODE.get(op.tp, "replicated"),
+               inputs=op.inputs, outputs=(f"{op.path}.lora_A.out",), kind=O.GEMM_LORA_A, rank=r)
+    b = O.gemm(f"{op.path}.lora_B", op.path, t, r, op.out_features, e, layer=op.layer,
+               tp=_B_MODE.get(op.tp, "replicated"), inputs=a.outputs, outputs=(f"{op.path}.lora_B.out",),
+               kind=O.GEMM_LORA_B, rank=r)
+    add = O.elementwise(f"{op.path}.lora_add", t * op.out_features, e, n_inputs=2, kind=O.LORA_ADD, layer=op.layer,
+                        tp=_ADD_MODE.get(op.tp, "replicated"), inputs=(op.outputs[0] if op.outputs else op.name,
+                                                                       b.outputs[0]), outputs=(f"{op.path}.lora.out",))
+    out = [a, b, add]
+    if any(_dora(rule) for _, (rule, _) in parts):
+        out.append(O.elementwise(f"{op.path}.dora_mul", t * op.out_features, e, n_inputs=1, kind=O.LORA_ADD,
+                                 layer=op.layer, tp=_ADD_MODE.get(op.tp, "replicated"), inputs=add.outputs,
+                                 outputs=(f"{op.path}.dora.out",), weight=op.out_features * e))
+    for x in out:
+        x.path, x.paths = op.path, paths
+        tensors[x.outputs[0]] = x.act_out
+    return out
+
+
 def _dora(rule: Any) -> bool:
     return bool(getattr(rule, "use_dora", False))
 
@@ -133,17 +164,20 @@ def merge_ops(graph: OpGraph, selection: dict[str, tuple[Any, Any]]) -> list[Op]
     seen: set[str] = set()
     out = []
     for op in graph.ops:
-        if op.kind != O.GEMM or op.path not in selection or op.path in seen:
+        if op.kind != O.GEMM:
             continue
-        seen.add(op.path)
-        r = selection[op.path][1].r
-        w = op.in_features * op.out_features * e
-        lora = r * (op.in_features + op.out_features) * e
-        norm = 3.0 * op.in_features * op.out_features if _dora(selection[op.path][0]) else 0.0
-        out.append(Op(f"{op.path}.merge", O.MERGE, flops=2.0 * r * op.in_features * op.out_features + norm,
-                      weight_bytes=2 * w + lora, path=op.path, layer=op.layer,
-                      tp=op.tp if op.tp in _A_MODE else "replicated",
-                      in_features=op.in_features, out_features=op.out_features, rank=r))
+        for path, rows in op.sites():  # a packed weight: each module's delta into its own rows
+            if path not in selection or path in seen:
+                continue
+            seen.add(path)
+            rule, params = selection[path]
+            w = op.in_features * rows * e
+            lora = params.r * (op.in_features + rows) * e
+            norm = 3.0 * op.in_features * rows if _dora(rule) else 0.0
+            out.append(Op(f"{path}.merge", O.MERGE, flops=2.0 * params.r * op.in_features * rows + norm,
+                          weight_bytes=2 * w + lora, path=path, layer=op.layer,
+                          tp=op.tp if op.tp in _A_MODE else "replicated",
+                          in_features=op.in_features, out_features=rows, rank=params.r))
     return out
 
 
@@ -152,7 +186,10 @@ def adapter_bytes(graph: OpGraph, selection: dict[str, tuple[Any, Any]]) -> floa
     e = DTYPE_BYTES[graph.meta.dtype]
     seen: dict[str, float] = {}
     for op in graph.ops:
-        if op.kind == O.GEMM and op.path in selection:
-            rule, params = selection[op.path]
-            seen[op.path] = (params.r * (op.in_features + op.out_features) + op.out_features * _dora(rule)) * e
+        if op.kind != O.GEMM:
+            continue
+        for path, rows in op.sites():
+            if path in selection:
+                rule, params = selection[path]
+                seen[path] = (params.r * (op.in_features + rows) + rows * _dora(rule)) * e
     return sum(seen.values())

@@ -87,7 +87,7 @@ class _Static:
     output_heads: list[str]
     prefix: str
     lora_ranks: dict[str, int]
-    symbols: dict[str, str]  # symbol -> "batch" | "seq"
+    symbols: dict[str, str | int]  # symbol -> "batch" | "seq" | "past" | "total", or a fixed size
     kinds: dict[str, str] = field(default_factory=dict)
     modes: dict[str, str] = field(default_factory=dict)
     layers: dict[str, int | None] = field(default_factory=dict)
@@ -95,6 +95,7 @@ class _Static:
     score_values: set[str] = field(default_factory=set)
     key_axis: dict[tuple[str, int], int] = field(default_factory=dict)  # (node, input index) -> key axis
     unresolved_sites: list[str] = field(default_factory=list)
+    blocks: dict[str, list[tuple[str, int]]] = field(default_factory=dict)  # packed node -> (module path, rows)
     names: list[str] = field(default_factory=list)  # node names (``#k`` for unnamed nodes), in graph order
 
 
@@ -161,9 +162,11 @@ def _static(path: str, mtime: float, prefix: str | None) -> _Static:
                 d.dim_value = v
             continue
         if len(dims) == 2 and inp.type.tensor_type.elem_type in (onnx.TensorProto.INT64, onnx.TensorProto.INT32):
-            for d, role in zip(dims, ("batch", "seq")):
+            roles = ("batch", "total" if inp.name == "attention_mask" else "seq")  # a mask spans past + new tokens
+            for d, role in zip(dims, roles):
                 if d.dim_param:
                     symbols.setdefault(d.dim_param, role)
+    _cache_symbols(graph, Path(path), symbols)
     overridable = {i.name for i in graph.input if i.name in inits}
     del graph.value_info[:]
     inferred = _infer(_weights_as_inputs(proto))
@@ -185,8 +188,31 @@ def _static(path: str, mtime: float, prefix: str | None) -> _Static:
     st = _Static(Path(path), proto, dims, elem, consts, overridable,
                  {node: s for node, s in report.by_node().items() if node and s.kind in _COSTED}, list(report.output_heads), report.prefix, ranks, symbols)
     st.unresolved_sites = list(report.unresolved)
+    for site in report.sites:  # a packed node's modules (q/k/v rows of qkv_proj), for LoRA selection and costing
+        if site.packed:
+            st.blocks.setdefault(site.node, []).append((site.path, site.out_features))
     _classify(st)
     return st
+
+
+def _cache_symbols(graph: onnx.GraphProto, path: Path, symbols: dict[str, str | int]) -> None:
+    """Bind a KV cache input's symbolic dims: [batch, kv_heads, past, head_size]; past is kv_len - q_len, and a
+    symbolic head size (the genai builder's ``kv_cache_dim``) comes from genai_config.json beside the model."""
+    config = path.parent / "genai_config.json"
+    head = None
+    if config.is_file():
+        try:
+            head = int(json.loads(config.read_text())["model"]["decoder"]["head_size"])
+        except (ValueError, KeyError, TypeError):
+            head = None
+    for inp in graph.input:
+        dims = inp.type.tensor_type.shape.dim
+        if not inp.name.startswith(("past_key_values.", "past_key.", "past_value.")) or len(dims) != 4:
+            continue
+        if dims[2].dim_param:
+            symbols.setdefault(dims[2].dim_param, "past")
+        if dims[3].dim_param and head is not None:
+            symbols.setdefault(dims[3].dim_param, head)
 
 
 def _weights_as_inputs(proto: onnx.ModelProto) -> onnx.ModelProto:
@@ -426,8 +452,9 @@ def load_onnx_graph(path: str | os.PathLike, batch: int, q_len: int, kv_len: flo
     st = _static(str(path), path.stat().st_mtime, prefix)
     kv_len = float(q_len if kv_len is None else kv_len)
     env: dict[str, float] = {}
+    sizes = {"batch": batch, "seq": q_len, "past": int(kv_len) - q_len, "total": int(kv_len)}
     for sym, role in st.symbols.items():
-        env[sym] = batch if role == "batch" else q_len
+        env[sym] = role if isinstance(role, int) else sizes[role]
     env.update(dims or {})
     missing: set[str] = set()
 
@@ -552,6 +579,7 @@ def load_onnx_graph(path: str | os.PathLike, batch: int, q_len: int, kv_len: flo
             op.tokens = float(np.prod(a[:-1], dtype=float)) if a else 0.0
             op.in_features, op.out_features = site.in_features, site.out_features
             op.flops = 2.0 * op.tokens * site.in_features * site.out_features
+            op.blocks = tuple(st.blocks.get(n.name, ()))
             op.reduce = mode == "row"
             weight_dtypes[st.elem.get(site.weight, 1)] += site.in_features * site.out_features
         elif st.kinds.get(name) in (O.ATTN_QK, O.ATTN_AV):

@@ -97,6 +97,11 @@ class Op:
     launches: int = 1  # kernel launches (0: folded away before the run)
     reduce: bool = False  # the output is a partial sum all-reduced over the tensor-parallel group
     onnx_op: str | None = None
+    blocks: tuple[tuple[str, int], ...] = ()  # a packed weight's modules: (module path, output rows), in row order
+
+    def sites(self) -> list[tuple[str, int]]:
+        """(module path, output features) of each module this linear computes: its row blocks when packed."""
+        return list(self.blocks) if self.blocks else [(self.path, self.out_features)] if self.path else []
 
     @property
     def bytes(self) -> float:
@@ -142,7 +147,12 @@ class OpGraph:
     _arrays: dict[str, np.ndarray] | None = field(default=None, repr=False)
 
     def linear_paths(self) -> list[str]:
-        return list(dict.fromkeys(op.path for op in self.ops if op.kind in LINEAR_CLASSES and op.path))
+        """Module paths of the linears, a packed weight's modules (q/k/v) in its place."""
+        return list(self.site_features())
+
+    def site_features(self) -> dict[str, tuple[int, int]]:
+        """(in, out) features per module path of every linear (a packed weight's row blocks each on its own)."""
+        return {path: (op.in_features, rows) for op in self.ops if op.kind in LINEAR_CLASSES for path, rows in op.sites()}
 
     def totals(self, by: str = "kind") -> dict[str, dict[str, float]]:
         out: dict[str, dict[str, float]] = {}

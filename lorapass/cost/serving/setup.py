@@ -7,7 +7,6 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from lorapass.cost import ops as O
 from lorapass.cost.analysis import ModelSource
 from lorapass.cost.hw import DTYPE_BYTES, HardwareSpec
 from lorapass.cost.serving import adapters as adapter_set
@@ -45,7 +44,7 @@ def build(source: ModelSource, spec: HardwareSpec, wf: WorkloadFile, tp: int = 1
     if spec.host is None:
         raise SpecError(f"{spec.name}: host: missing (the serving simulation needs the host link and memory)")
     probe = source.graph(1, 1, 1)
-    features = {op.path: (op.in_features, op.out_features) for op in probe.ops if op.kind == O.GEMM and op.path}
+    features = probe.site_features()
 
     ad = adapter_set.build(wf, probe.linear_paths(), probe.meta.output_heads, features,
                            DTYPE_BYTES[probe.meta.dtype])
