@@ -75,6 +75,51 @@ def test_half_precision_weights_match_peft_merge(tmp_path, dtype):
     assert checked == 4
 
 
+@pytest.fixture(scope="module")
+def llama_fp16(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("llama_fp16")
+    model = build("llama").to(torch.float16)
+    return model, export(model, folder / "model.onnx")
+
+
+def test_a_merge_beyond_float16_range_is_refused_by_name(llama_fp16, tmp_path, capsys):
+    """A huge alpha on an fp16 model: the merged weight would hold inf; refused, naming the weight, nothing written."""
+    model, onnx_path = llama_fp16
+    make_adapter(model, tmp_path / "adapter", r=2, lora_alpha=2e7, target_modules=["down_proj"])
+    out = tmp_path / "out" / "merged.onnx"
+    out.parent.mkdir()
+    assert main(["rewrite", str(onnx_path), "--adapter", str(tmp_path / "adapter"), "--strategy", "merge",
+                 "-o", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "down_proj" in err and "float16's range" in err and "Traceback" not in err
+    assert list(out.parent.iterdir()) == []
+
+
+def test_a_large_but_representable_merge_takes_the_checked_path_and_matches_peft(llama_fp16, tmp_path):
+    """A delta too large for the unchecked fast fold's bound (but within range) is merged exactly all the same."""
+    from lorapass.onnx.load import load_model
+    from lorapass.onnx.sites import find_sites
+
+    model, onnx_path = llama_fp16
+    peft_model = make_adapter(model, tmp_path / "adapter", r=2, lora_alpha=4e4, target_modules=["down_proj"])
+    merged_torch = peft_model.merge_and_unload()
+    out = tmp_path / "merged.onnx"
+    assert main(["rewrite", str(onnx_path), "--adapter", str(tmp_path / "adapter"), "--strategy", "merge",
+                 "-o", str(out)]) == 0
+    graph = load_model(out)
+    checked = 0
+    for site in find_sites(graph).sites:
+        if not site.path.endswith("down_proj"):
+            continue
+        w = graph.graph.initializers[site.weight].const_value.numpy()
+        w = (w.T if site.layout == "in_out" else w).astype(np.float32)
+        ref = merged_torch.get_submodule(site.path).weight.detach().float().numpy()
+        assert np.isfinite(w).all() and np.abs(ref).max() > 65504 / 64  # past the fast path's bound
+        assert np.all(np.abs(w - ref) <= np.abs(ref) * 2.0 ** -10 + 1e-6), site.path
+        checked += 1
+    assert checked == 2
+
+
 def test_external_data_layout_kept_and_untouched_tensors_byte_identical(exported, tmp_path):
     _, onnx_path = exported("llama")
     make_adapter(exported("llama")[0], tmp_path / "adapter", r=4, lora_alpha=8, target_modules=["q_proj"])

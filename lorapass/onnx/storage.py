@@ -19,9 +19,11 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import ClassVar
 
+import ml_dtypes
 import numpy as np
 import onnx_ir as ir
 
+from lorapass.errors import ModelError
 from lorapass.onnx.fold import FoldedTensor, read
 from lorapass.onnx.loss import Loss, measure
 from lorapass.onnx.save import REPLACES
@@ -334,10 +336,19 @@ class Plain(Store):
         w = self._native().astype(np.float32)
         return np.ascontiguousarray(w.T) if self.layout == "in_out" else w
 
-    def _encode(self, w: np.ndarray, layout: str) -> np.ndarray:
-        """float32 torch layout -> this weight's dtype in ``layout`` (round to nearest even)."""
-        w = w.T if layout == "in_out" else w
-        return np.ascontiguousarray(w.astype(self._native_dtype()))
+    def _encode(self, w: np.ndarray, layout: str, modules: str = "") -> np.ndarray:
+        """float32 torch layout -> this weight's dtype in ``layout`` (round to nearest even); ModelError naming
+        the weight when a merged value leaves the dtype's range (a float16 weight and a huge alpha) where the
+        base value was finite."""
+        with np.errstate(over="ignore"):  # checked just below
+            out = w.astype(self._native_dtype())
+        bad = ~np.isfinite(out)
+        if bad.any() and np.isfinite(self.read()[bad]).any():
+            dtype = self._native_dtype()
+            raise ModelError(f"{modules or self.name}: the merged weight reaches {float(np.abs(w).max()):.4g}, "
+                             f"beyond {dtype.name}'s range (max {float(_finfo(dtype).max):.4g}); lower the adapter's "
+                             "weight (PATH:WEIGHT) or alpha, or use --strategy dynamic")
+        return np.ascontiguousarray(out.T if layout == "in_out" else out)
 
     def _native_dtype(self) -> np.dtype:
         return np.dtype(self.tensor.dtype.numpy())
@@ -345,6 +356,7 @@ class Plain(Store):
     def write(self, compute: Callable[[], np.ndarray], low_rank: LowRank | None) -> None:
         original = self.tensor
         name = self.value.name
+        modules = self._modules()
 
         def operands() -> tuple[np.ndarray, np.ndarray, np.ndarray]:  # W + left @ right, flattened to 2-D
             flat = (low_rank.up, low_rank.down)
@@ -352,12 +364,19 @@ class Plain(Store):
             w = self._native()
             return w.reshape(w.shape[0], -1), left, right
 
-        if low_rank is not None:
+        if low_rank is not None and _fits(low_rank, self._native_dtype()):
             self.value.const_value = FoldedTensor(operands, original.dtype, original.shape, name=name)
         else:
-            self.value.const_value = ir.LazyTensor(lambda: ir.Tensor(self._encode(compute(), self.layout), name=name),
-                                                   original.dtype, original.shape, name=name)
+            self.value.const_value = ir.LazyTensor(
+                lambda: ir.Tensor(self._encode(compute(), self.layout, modules), name=name), original.dtype,
+                original.shape, name=name)
         self.value.meta[REPLACES] = original
+
+    def _modules(self, node: ir.Node | None = None) -> str:
+        """The modules editing this weight (all its readers', or ``node``'s), and the weight, for messages."""
+        edits = self.edits.get(node, []) if node is not None else [e for el in self.edits.values() for e in el]
+        paths = ", ".join(dict.fromkeys(e.path for e in edits if e.path))
+        return f"{paths} ({self.name})" if paths else self.name
 
     def operand(self, node: ir.Node) -> tuple[int, str, tuple[int, ...]]:
         """(input index, layout, dims) of this weight as ``node`` reads it (through Identity/Transpose)."""
@@ -368,11 +387,27 @@ class Plain(Store):
     def write_copy(self, graph: ir.Graph, node: ir.Node, compute: Callable[[], np.ndarray], name: str) -> None:
         index, layout, dims = self.operand(node)
         original = self.tensor
-        tensor = ir.LazyTensor(lambda: ir.Tensor(self._encode(compute(), layout), name=name), original.dtype,
+        modules = self._modules(node)
+        tensor = ir.LazyTensor(lambda: ir.Tensor(self._encode(compute(), layout, modules), name=name), original.dtype,
                                ir.Shape(dims), name=name)
         new = ir.Value(name=name, shape=ir.Shape(dims), type=ir.TensorType(original.dtype), const_value=tensor)
         graph.register_initializer(new)
         node.replace_input_with(index, new)
+
+
+def _finfo(dtype: np.dtype):
+    return ml_dtypes.finfo(dtype) if dtype == np.dtype(ml_dtypes.bfloat16) else np.finfo(dtype)
+
+
+def _fits(low_rank: LowRank, dtype: np.dtype) -> bool:
+    """Whether no value of ``up @ down`` can be within 1/64 of ``dtype``'s largest value (a Cauchy-Schwarz bound
+    from the factors' row and column norms): then a merged value cannot overflow unless its base value was that
+    close already, and the fast fold (which does not check the range) is used; else the exact path checks it."""
+    if dtype.kind != "f" and dtype != np.dtype(ml_dtypes.bfloat16):
+        return True
+    rows = float(np.sqrt(np.square(low_rank.up, dtype=np.float64).sum(axis=1).max(initial=0.0)))
+    cols = float(np.sqrt(np.square(low_rank.down, dtype=np.float64).sum(axis=0).max(initial=0.0)))
+    return rows * cols < float(_finfo(dtype).max) / 64
 
 
 class NewBias(Store):
