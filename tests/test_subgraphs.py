@@ -165,3 +165,45 @@ def test_lora_ready_slots_hot_swap_adapters_on_both_branches(merged, tmp_path):
     for name in ("a", "b", "a"):
         run = lambda feeds, name=name: session.run(feeds, adapter=name)  # noqa: E731
         _check(_both_branches(run, ids, nxt), _peft_logits(peft[name], ids, nxt))
+
+
+def in_loop(decoder: onnx.ModelProto) -> onnx.ModelProto:
+    """The prompt decoder as the body of a ``Loop`` (a trip count input, logits as the body's scan output) reading
+    its weights from the outer scope, as generation loops (ORT's BeamSearch/Loop exports) hold a decoder."""
+    body_in = [helper.make_tensor_value_info("i", onnx.TensorProto.INT64, []),
+               helper.make_tensor_value_info("cond_in", onnx.TensorProto.BOOL, [])]
+    keep = helper.make_node("Identity", ["cond_in"], ["cond_out"], name="keep_going")
+    small = [t for t in decoder.graph.initializer if len(t.dims) == 0]  # scalars stay in the body
+    body = helper.make_graph([*decoder.graph.node, keep], "step", body_in,
+                             [helper.make_tensor_value_info("cond_out", onnx.TensorProto.BOOL, []),
+                              helper.make_tensor_value_info("logits", onnx.TensorProto.FLOAT, None)], small)
+    loop = helper.make_node("Loop", ["trips", "cond"], ["steps_logits"], name="generate", body=body)
+    graph = helper.make_graph([loop], "looped",
+                              [decoder.graph.input[0], helper.make_tensor_value_info("trips", onnx.TensorProto.INT64, []),
+                               helper.make_tensor_value_info("cond", onnx.TensorProto.BOOL, [])],
+                              [helper.make_tensor_value_info("steps_logits", onnx.TensorProto.FLOAT, None)],
+                              [t for t in decoder.graph.initializer if len(t.dims) > 0])
+    return helper.make_model(graph, opset_imports=decoder.opset_import)
+
+
+@pytest.mark.parametrize("strategy", ["merge", "dynamic"])
+def test_a_decoder_inside_a_loop_body_matches_peft(strategy, tmp_path):
+    model = build("llama")
+    model.set_attn_implementation("eager")
+    ids = torch.randint(0, 96, (1, 5), generator=torch.Generator().manual_seed(4))
+    path = tmp_path / "looped.onnx"
+    onnx.save(in_loop(_export(model, (ids,), ["input_ids"], tmp_path / "decoder.onnx")), str(path))
+    report = find_sites(load_model(path), prefix="m")
+    assert len([s for s in report.sites if s.kind == "linear"]) == 15  # every linear, found inside the body
+    peft_model = make_adapter(model, tmp_path / "ad", r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"])
+    out = tmp_path / f"{strategy}.onnx"
+    rewrite(path, out, adapter=str(tmp_path / "ad"), strategy=strategy, prefix="m")
+    feeds = {"input_ids": ids.numpy(), "trips": np.array(2, np.int64), "cond": np.array(True)}
+    steps = Session(out).run(feeds)[0]
+    with torch.no_grad():
+        expected = peft_model(input_ids=ids).logits.numpy()
+    assert steps.shape[0] == 2
+    for step in steps:  # each iteration of the loop computes the adapted decoder
+        assert np.abs(step - expected).max() <= 1e-4 * np.abs(expected).max()
+    base = Session(path).run(feeds)[0][0]
+    assert np.abs(base - expected).max() > 0.05 * np.abs(expected).max()
