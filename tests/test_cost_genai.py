@@ -59,3 +59,16 @@ def test_decode_binds_the_cache_length(built):
     short, long = (load_onnx_graph(built, batch=1, q_len=1, kv_len=k) for k in (33, 65))
     attention = [[op.flops for op in g.ops if op.kind == O.ATTENTION] for g in (short, long)]
     assert attention[0] and all(b == pytest.approx(a * 65 / 33) for a, b in zip(*attention))
+
+
+def test_fused_attention_names_the_heads_tensor_parallelism_splits(built, capsys):
+    from pathlib import Path
+
+    from lorapass.cli import main
+
+    meta = load_onnx_graph(built, batch=1, q_len=4).meta
+    assert (meta.num_heads, meta.num_kv_heads, meta.head_dim) == (HEADS, KV_HEADS, HEAD)
+    hw = str(Path(__file__).resolve().parents[1] / "hw_specs" / "h100.yaml")
+    assert main(["analyse", str(built), "--hw", hw, "--tp", "2", "--batch", "2", "--seq", "16", "--gen", "4",
+                 "--target", "all-linear", "--strategy", "merge"]) == 0
+    assert "LoRA merge on 14 sites" in capsys.readouterr().out  # 2 layers x q, k, v, o, gate, up, down

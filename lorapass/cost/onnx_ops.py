@@ -657,12 +657,15 @@ def _meta(st: _Static, ops: list[Op], path: Path, batch: int, q_len: int, kv_len
                 heads, head_dim = d[1], d[3]
             break
     kv_heads = heads
+    fused = None if head_dim else _fused_attention_heads(st)
+    if fused is not None:  # a fused attention op (the genai builder's GroupQueryAttention) names its heads
+        heads, kv_heads, head_dim = fused
     layers = sorted({op.layer for op in ops if op.layer is not None})
     hidden = 0
     sites = [s for s in st.sites.values() if s.kind == "linear"]
     if sites:
         hidden = max((s.in_features for s in sites), key=[s.in_features for s in sites].count)
-    if head_dim:
+    if head_dim and fused is None:
         narrow = [s.out_features for s in sites if st.modes.get(s.node) == "kv_col"]
         if narrow:
             kv_heads = max(1, min(narrow) // head_dim)
@@ -671,6 +674,23 @@ def _meta(st: _Static, ops: list[Op], path: Path, batch: int, q_len: int, kv_len
                      num_kv_heads=kv_heads, head_dim=head_dim, vocab_size=vocab, dtype=dtype,
                      kv_dtype=kv_dtype or dtype, causal=True, output_heads=tuple(st.output_heads), batch=batch,
                      q_len=q_len, kv_len=kv_len)
+
+
+def _fused_attention_heads(st: _Static) -> tuple[int, int, int] | None:
+    """(heads, kv heads, head size) from the first fused attention node's ``num_heads`` / ``kv_num_heads`` and its
+    query width (q, k and v packed in the query input when the key input is empty)."""
+    for n in st.proto.graph.node:
+        if n.op_type not in ("GroupQueryAttention", "MultiHeadAttention") or not n.input:
+            continue
+        attrs = {a.name: a.i for a in n.attribute if a.type == onnx.AttributeProto.INT}
+        heads = attrs.get("num_heads", 0)
+        kv = attrs.get("kv_num_heads", heads)
+        width = (st.dims.get(n.input[0]) or [None])[-1]
+        if not heads or not isinstance(width, int):
+            return None
+        packed = len(n.input) < 2 or not n.input[1]
+        return heads, kv, width // (heads + 2 * kv) if packed else width // heads
+    return None
 
 
 def has_lora(graph: OpGraph) -> bool:
