@@ -108,15 +108,41 @@ def test_grouped_and_transposed_convolutions_cost_their_products(tmp_path):
     assert ops["up"].kind == O.GEMM and ops["up"].flops == 2.0 * (8 * 5 * 5) * (3 * 2 * 2)
 
 
-def test_analyse_names_a_single_file_adapter_it_cannot_read(unet, tmp_path, capsys):
+def test_analyse_prices_a_kohya_file_bound_to_the_unet(unet, tmp_path, capsys):
+    """A kohya LoCon file (conv and linear modules, two ranks): analyse binds it as the rewrite does and prices each
+    module at its own rank, as rules naming the same modules would."""
+    import json
+
     from safetensors.numpy import save_file
 
     from lorapass.cli import main
 
-    path, _, _ = unet
+    path, _, convs = unet
+    conv1 = sorted(n for n in convs if n.endswith("conv1"))
+    rng = np.random.default_rng(0)
+    tensors = {}
+    for name, r in [(conv1[0], 4), (conv1[1], 4), ("down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q", 2)]:
+        key = "lora_unet_" + name.replace(".", "_")
+        _, per, out = convs.get(name, (0, 32, 32))
+        down = (r, per // 9, 3, 3) if name in convs else (r, per)
+        up = (out, r, 1, 1) if name in convs else (out, r)
+        tensors |= {f"{key}.lora_down.weight": rng.standard_normal(down).astype(np.float32),
+                    f"{key}.lora_up.weight": rng.standard_normal(up).astype(np.float32),
+                    f"{key}.alpha": np.array(r, np.float32)}
     kohya = tmp_path / "style.safetensors"
-    save_file({"lora_unet_conv_in.lora_down.weight": np.zeros((4, 4, 3, 3), np.float32)}, str(kohya))
+    save_file(tensors, str(kohya))
     hw = str(Path(__file__).resolve().parents[1] / "hw_specs" / "h100.yaml")
-    assert main(["analyse", str(path), "--hw", hw, "--adapter", str(kohya)]) == 2
-    err = capsys.readouterr().err
-    assert str(kohya) in err and "--target/--rank/--alpha" in err and "Traceback" not in err
+    args = ["analyse", str(path), "--hw", hw, "--prefix", "unet", "--batch", "2", "--seq", "1", "--gen", "1", "--json",
+            "--ops"]
+    assert main([*args, "--adapter", str(kohya), "--strategy", "dynamic"]) == 0
+    out = capsys.readouterr()
+    assert "3 module(s) matched, 0 unmatched" in out.err
+    ops = [op for op in json.loads(out.out)["phases"]["prefill"]["ops"] if op["class"] in (O.GEMM_LORA_A, O.GEMM_LORA_B)]
+    graph = load_onnx_graph(path, batch=2, q_len=1, kv_len=1, prefix="unet")
+    by_rank = {}
+    for r, names in ((4, conv1[:2]), (2, ["down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q"])):
+        rule = LoraRule(name=f"r{r}", target_modules=names, r=r, lora_alpha=r)
+        by_rank |= {(op.kind, op.path): op.flops for op in apply_dynamic(graph, select(graph, rule)).ops
+                    if op.kind in (O.GEMM_LORA_A, O.GEMM_LORA_B)}
+    assert {(op["class"], op["path"]): op["flops"] for op in ops} == pytest.approx(by_rank)
+    assert len(ops) == 6

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 
 from lorapass import shorthand
 from lorapass.errors import SpecError
@@ -47,12 +48,13 @@ def _rules(args: argparse.Namespace):
     if args.adapter:
         from pathlib import Path
 
-        from lorapass.errors import AdapterError
         from lorapass.rules import LoraRule
 
-        if Path(args.adapter).is_file():
-            raise AdapterError(f"{args.adapter}: analyse reads a PEFT adapter directory's adapter_config.json; "
-                               "describe a single-file (kohya / LyCORIS / diffusers) adapter with --target/--rank/--alpha")
+        if Path(args.adapter).is_file():  # a single file: its modules, bound to the graph's sites, and their ranks
+            from lorapass.adapter import load_adapter
+            from lorapass.cost.lora import FileSelection
+
+            return FileSelection(load_adapter(args.adapter))
         return LoraRule.from_peft_config(args.adapter)  # the config is all the cost model needs
     return None
 
@@ -73,7 +75,8 @@ def cmd_analyse(args: argparse.Namespace) -> int:
     source = ModelSource(args.model, attention=args.attention, logits=args.logits, dtype=args.dtype,
                          kv_dtype=args.kv_dtype, prefix=args.prefix, dims=_dims(args.dims))
     workload = Workload(args.batch, args.seq, args.gen)
-    analyser = Analyser(source, spec, workload, _rules(args), args.strategy, args.collective)
+    rules = _rules(args)
+    analyser = Analyser(source, spec, workload, rules, args.strategy, args.collective)
     layout = Layout(args.tp, args.pp, args.ep, args.dp, args.sp, args.microbatches)
     if args.sweep:
         counts = _devices(args.devices) or [layout.devices]
@@ -92,6 +95,8 @@ def cmd_analyse(args: argparse.Namespace) -> int:
             report.plot_roofline(best, spec, args.plot)
         return 0
     analysis = analyser.analyse(layout, keep_ops=True)
+    if getattr(rules, "binding", None) is not None:  # a single file: which of its modules matched, on stderr
+        print(rules.binding.summary(), file=sys.stderr)
     if args.csv:
         report.write_csv(analysis, args.csv)
     if args.plot:
@@ -139,8 +144,9 @@ def add_analyse_parser(subparsers) -> argparse.ArgumentParser:
     g.add_argument("--prefix", help="ONNX: wrapper scope to strip from module paths (default: detected)")
     g.add_argument("--dims", action="append", metavar="NAME=VALUE", help="ONNX: bind another symbolic dimension")
     g = p.add_argument_group("LoRA")
-    g.add_argument("--adapter", metavar="DIR",
-                   help="PEFT adapter directory (its adapter_config.json selects the sites)")
+    g.add_argument("--adapter", metavar="DIR|FILE",
+                   help="PEFT adapter directory (its adapter_config.json selects the sites), or a kohya / LyCORIS / "
+                        "diffusers .safetensors file (its modules, bound to the graph's sites, with their own ranks)")
     g.add_argument("--rules", metavar="FILE", help="YAML rules (win over --adapter's config)")
     g.add_argument("--strategy", choices=["merge", "dynamic"], help="default: the rules' own strategy")
     shorthand.add_arguments(p, "LoRA shorthand (instead of --adapter or --rules; dynamic unless --strategy)",

@@ -43,6 +43,28 @@ def as_ruleset(rules: Any) -> Any:
     return rules
 
 
+class FileSelection:
+    """A single-file adapter (kohya / LyCORIS / diffusers) as cost rules: the modules its file binds to the
+    graph's site paths (as the rewrite binds them), each with its own rank and alpha."""
+
+    def __init__(self, adapter: Any) -> None:
+        self.adapter = adapter
+        self.binding = None  # the last binding's KeyReport: which modules matched which sites
+
+    def select(self, paths, output_heads=()) -> dict[str, tuple[Any, Any]]:
+        from lorapass.errors import RuleError
+        from lorapass.formats.names import bind
+        from lorapass.rules import LoraParams
+
+        bound = bind(self.adapter, list(paths))
+        self.binding = bound.binding
+        chosen = {path: (bound.rule, LoraParams(r=m.r, alpha=m.alpha, scale=m.scale))
+                  for path, m in bound.modules.items() if m.targeted}
+        if not chosen:
+            raise RuleError(f"{self.adapter.source}: none of its modules matches a linear or convolution of the graph")
+        return {path: chosen[path] for path in paths if path in chosen}
+
+
 def select(graph: OpGraph, rules: Any) -> dict[str, tuple[Any, Any]]:
     """Targeted module path -> (rule, LoraParams), exactly as ``RuleSet.select`` resolves it for these sites."""
     ruleset = as_ruleset(rules)
