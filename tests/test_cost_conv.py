@@ -146,3 +146,5 @@ def test_analyse_prices_a_kohya_file_bound_to_the_unet(unet, tmp_path, capsys):
                     if op.kind in (O.GEMM_LORA_A, O.GEMM_LORA_B)}
     assert {(op["class"], op["path"]): op["flops"] for op in ops} == pytest.approx(by_rank)
     assert len(ops) == 6
+    assert main([*args, "--adapter", str(kohya), "--component", "unet"]) == 0  # the file's own strategy: merge
+    assert json.loads(capsys.readouterr().out)["strategy"] == "merge"

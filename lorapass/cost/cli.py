@@ -54,7 +54,7 @@ def _rules(args: argparse.Namespace):
             from lorapass.adapter import load_adapter
             from lorapass.cost.lora import FileSelection
 
-            return FileSelection(load_adapter(args.adapter))
+            return FileSelection(load_adapter(args.adapter), args.component)
         return LoraRule.from_peft_config(args.adapter)  # the config is all the cost model needs
     return None
 
@@ -147,6 +147,9 @@ def add_analyse_parser(subparsers) -> argparse.ArgumentParser:
     g.add_argument("--adapter", metavar="DIR|FILE",
                    help="PEFT adapter directory (its adapter_config.json selects the sites), or a kohya / LyCORIS / "
                         "diffusers .safetensors file (its modules, bound to the graph's sites, with their own ranks)")
+    g.add_argument("--component", choices=["unet", "text_encoder", "text_encoder_2", "transformer"],
+                   help="with a single-file --adapter holding several models: which one this graph is (default: "
+                        "detected from the graph)")
     g.add_argument("--rules", metavar="FILE", help="YAML rules (win over --adapter's config)")
     g.add_argument("--strategy", choices=["merge", "dynamic"], help="default: the rules' own strategy")
     shorthand.add_arguments(p, "LoRA shorthand (instead of --adapter or --rules; dynamic unless --strategy)",

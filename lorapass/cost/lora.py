@@ -47,16 +47,21 @@ class FileSelection:
     """A single-file adapter (kohya / LyCORIS / diffusers) as cost rules: the modules its file binds to the
     graph's site paths (as the rewrite binds them), each with its own rank and alpha."""
 
-    def __init__(self, adapter: Any) -> None:
-        self.adapter = adapter
+    def __init__(self, adapter: Any, component: str | None = None) -> None:
+        self.adapter, self.component = adapter, component
         self.binding = None  # the last binding's KeyReport: which modules matched which sites
+
+    @property
+    def strategy(self) -> str:
+        """The adapter's own rule's strategy (what ``--strategy`` overrides)."""
+        return self.adapter.rule.strategy
 
     def select(self, paths, output_heads=()) -> dict[str, tuple[Any, Any]]:
         from lorapass.errors import RuleError
         from lorapass.formats.names import bind
         from lorapass.rules import LoraParams
 
-        bound = bind(self.adapter, list(paths))
+        bound = bind(self.adapter, list(paths), self.component)
         self.binding = bound.binding
         chosen = {path: (bound.rule, LoraParams(r=m.r, alpha=m.alpha, scale=m.scale))
                   for path, m in bound.modules.items() if m.targeted}
