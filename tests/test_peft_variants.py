@@ -248,3 +248,16 @@ def test_multi_refuses_kinds_its_banks_cannot_carry(model, tmp_path, capsys):
         out = tmp_path / f"{name}.onnx"
         assert main(["rewrite", str(base), "--strategy", "multi", "--adapter", str(tmp_path / name), "-o", str(out)]) == 2
         assert "not an additive low-rank delta" in capsys.readouterr().err and not out.exists()
+
+
+def test_a_weight_on_an_adapter_that_replaces_tensors_is_refused_by_module(model, tmp_path, capsys):
+    """``PATH:WEIGHT`` scales LoRA deltas; a copied head (modules_to_save) or trained bias cannot be scaled, so a
+    weighted adapter holding one is refused by name instead of applied unweighted."""
+    torch_model, base = model("llama")
+    make_variant(torch_model, tmp_path / "ad", seed=6, r=4, lora_alpha=8, target_modules=["v_proj"],
+                 modules_to_save=["lm_head"])
+    out = tmp_path / "out.onnx"
+    assert main(["rewrite", str(base), "--adapter", f"{tmp_path / 'ad'}:0.5", "--strategy", "merge", "-o", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "lm_head" in err and "cannot scale" in err and not out.exists()
+    assert main(["rewrite", str(base), "--adapter", f"{tmp_path / 'ad'}:1", "--strategy", "merge", "-o", str(out)]) == 0

@@ -48,6 +48,11 @@ def load_adapter(source: str | os.PathLike, allow_pickle: bool = False, weight: 
     else:
         adapter = _single_file(path)
     if weight != 1.0:
+        fixed = [m for m, kind in adapter.modules.items() if kind.replaced or not kind.targeted]
+        if fixed:
+            raise AdapterError(f"{path}:{weight:g}: a weight scales LoRA deltas, but {len(fixed)} module(s) of this "
+                               f"adapter replace tensors outright (modules_to_save, trainable tokens, trained biases), "
+                               f"which a weight cannot scale: {', '.join(fixed[:5])}{' ...' if len(fixed) > 5 else ''}")
         adapter.weight = weight
         for kind in adapter.modules.values():
             kind.scale *= weight
