@@ -233,9 +233,12 @@ def _weights_as_inputs(proto: onnx.ModelProto) -> onnx.ModelProto:
     return copy
 
 
-def _positions(y: tuple[float, ...]) -> float:
-    """Output positions of a convolution's output [N, C, *spatial]: the rows of its im2col GEMM."""
-    return float(np.prod((y[0], *y[2:]), dtype=float))
+def _im2col(op: Op, w: tuple[float, ...], y: tuple[float, ...]) -> None:
+    """Price a Conv with kernel ``w`` [out, in/groups, *kernel] writing ``y`` [N, out, *spatial] as its im2col
+    GEMM: a row per output position, in/groups * kernel columns in, out columns out."""
+    op.tokens = float(np.prod((y[0], *y[2:]), dtype=float))
+    op.in_features, op.out_features = int(np.prod(w[1:])), int(w[0])
+    op.flops = 2.0 * op.tokens * op.in_features * op.out_features
 
 
 def _lora_source(name: str, producers: dict[str, onnx.NodeProto]) -> tuple[str, tuple[str, ...]] | None:
@@ -554,10 +557,8 @@ def load_onnx_graph(path: str | os.PathLike, batch: int, q_len: int, kv_len: flo
                 op.kind = kind
                 w, y = shape(n.input[1]), shape(outs[0])
                 if w and y:
-                    op.tokens = _positions(y)
-                    op.in_features, op.out_features = int(np.prod(w[1:])), int(w[0])
+                    _im2col(op, w, y)
                     op.rank = op.out_features if kind == O.GEMM_LORA_A else op.in_features
-                    op.flops = 2.0 * op.tokens * op.in_features * op.out_features
             else:
                 op.kind = kind
                 a, b = shape(n.input[0]), shape(n.input[1])
@@ -568,10 +569,10 @@ def load_onnx_graph(path: str | os.PathLike, batch: int, q_len: int, kv_len: flo
                     op.flops = 2.0 * op.tokens * b[-2] * b[-1]
         elif site is not None and site.kind == "conv":  # as im2col: a GEMM per output position
             op.kind, op.path = O.GEMM, site.path
-            y = shape(outs[0])
-            op.tokens = _positions(y) if y else 0.0
             op.in_features, op.out_features = site.in_features * int(np.prod(site.kernel)), site.out_features
-            op.flops = 2.0 * op.tokens * op.in_features * op.out_features
+            y = shape(outs[0])
+            if y:
+                _im2col(op, (site.out_features, site.in_features, *site.kernel), y)
             weight_dtypes[st.elem.get(site.weight, 1)] += op.in_features * op.out_features
         elif site is not None:
             op.kind, op.path = O.GEMM, site.path
@@ -606,13 +607,16 @@ def load_onnx_graph(path: str | os.PathLike, batch: int, q_len: int, kv_len: flo
                 batch_dims = float(np.prod(a[:-2], dtype=float)) if len(a) > 2 else 1.0
                 rows = a[-2] if len(a) >= 2 else 1
                 op.flops = 2.0 * batch_dims * rows * a[-1] * b[-1]
-        elif n.op_type in ("Conv", "ConvTranspose"):  # a convolution lorapass does not adapt: its GEMM FLOPs
+        elif n.op_type == "Conv":  # a convolution lorapass does not adapt (grouped, ...): its im2col GEMM
             op.kind = O.GEMM
-            w, x, y = shape(n.input[1]), shape(n.input[0]), shape(outs[0]) if outs else None
-            if w and x and y:  # Conv: each output element sums in/groups * kernel products; ConvTranspose: each input
-                per = float(np.prod(w[1:], dtype=float))
-                op.flops = 2.0 * per * (float(np.prod(y, dtype=float)) if n.op_type == "Conv"
-                                        else float(np.prod(x, dtype=float)))
+            w, y = shape(n.input[1]), shape(outs[0]) if outs else None
+            if w and y:
+                _im2col(op, w, y)
+        elif n.op_type == "ConvTranspose":  # each input element scatters into out/groups * kernel outputs
+            op.kind = O.GEMM
+            w, x = shape(n.input[1]), shape(n.input[0])
+            if w and x:
+                op.flops = 2.0 * float(np.prod(w[1:], dtype=float)) * float(np.prod(x, dtype=float))
         elif st.kinds.get(name) == O.EMBEDDING:
             op.kind = O.EMBEDDING
             op.weight_bytes = a_out  # the rows read
