@@ -10,13 +10,19 @@ writers of one output commit one after the other (a model is never paired with a
 On any failure the temporaries, and the folders the transaction made, are removed. SIGTERM and SIGHUP, whose
 default action would kill the process on the spot, raise :class:`Terminated` while a transaction is open (in
 the main thread), so they clean up as Ctrl-C does; signals that arrive during the commit's renames wait until
-it is done. A process killed outright (SIGKILL, power loss) leaves its temporaries under their recognisable
-names: the next transaction for the same output removes those whose owner pid no longer runs.
+it is done. A process killed outright (SIGKILL) leaves its temporaries under their recognisable names: the next
+transaction for the same output removes those whose owner pid no longer runs. Before its first rename a commit
+writes a journal, ``.<model name>.lorapass-<pid>-<token>.journal``, of the renames it will make; killed midway
+(a new data file beside the old model), the next transaction for that model first finishes the commit if the
+model was renamed, else puts every previous file back (:func:`recover`), and :func:`interrupted` lets readers
+refuse the half-committed files meanwhile. Power loss is not covered: nothing is fsynced (on ext4 an fsync
+may flush every dirty page of a multi-GB merge).
 """
 
 from __future__ import annotations
 
 import fcntl
+import json
 import os
 import re
 import secrets
@@ -30,6 +36,7 @@ from lorapass.errors import ModelError
 
 TAG = ".lorapass-"
 _TEMP = re.compile(r"^\.(?P<name>.+)\.lorapass-(?P<pid>\d+)-[0-9a-f]+\.(?:tmp|old)$")
+_JOURNAL = re.compile(r"^\.(?P<name>.+)\.lorapass-(?P<pid>\d+)-[0-9a-f]+\.journal$")
 _CAUGHT = ("SIGINT", "SIGTERM", "SIGHUP")
 
 
@@ -98,6 +105,66 @@ def remove_stale(output: Path) -> list[Path]:
     return removed
 
 
+def interrupted(model: Path) -> list[Path]:
+    """The journals of commits to ``model`` whose process died midway (its files may not belong together)."""
+    try:
+        entries = list(os.scandir(model.parent))
+    except OSError:
+        return []
+    found = []
+    for entry in entries:
+        match = _JOURNAL.match(entry.name)
+        if match is not None and match["name"] == model.name and not _alive(int(match["pid"])):
+            found.append(Path(entry.path))
+    return sorted(found)
+
+
+def recover(model: Path) -> list[Path]:
+    """Settle every commit to ``model`` that a killed process left midway; returns the outputs it restored.
+
+    The journal lists the renames in order, the model last. If the model's temporary is gone, the model took
+    its new name and the commit is complete: the moved-aside previous files are removed. Otherwise every output
+    gets its previous file back (or none, if it had none) and the temporaries are removed.
+    """
+    restored: list[Path] = []
+    if not interrupted(model):
+        return restored
+    with _locked(_lock(model)):  # the killed process's lock file goes too
+        for journal in interrupted(model):
+            restored += _settle(journal)
+    return restored
+
+
+def _lock(model: Path) -> Path:
+    return model.with_name(f".{model.name}{TAG}lock")
+
+
+def _settle(journal: Path) -> list[Path]:
+    """Finish or undo the renames ``journal`` lists (see :func:`recover`)."""
+    restored: list[Path] = []
+    try:
+        steps = json.loads(journal.read_text())["renames"]
+        steps = [(Path(s["output"]), Path(s["temp"]), s["backup"] and Path(s["backup"])) for s in steps]
+    except (OSError, ValueError, KeyError, TypeError):  # killed while writing it: nothing was renamed yet
+        steps = []
+    complete = bool(steps) and not os.path.lexists(steps[-1][1])
+    for output, temp, backup in reversed(steps):
+        if complete:
+            if backup is not None:
+                backup.unlink(missing_ok=True)
+            continue
+        renamed = not os.path.lexists(temp)
+        if backup is not None and os.path.lexists(backup) and (renamed or not os.path.lexists(output)):
+            os.replace(backup, output)
+            restored.append(output)
+        elif renamed and backup is None:
+            output.unlink(missing_ok=True)
+            restored.append(output)
+        temp.unlink(missing_ok=True)
+    journal.unlink(missing_ok=True)
+    return restored
+
+
 @contextmanager
 def _locked(path: Path) -> Iterator[None]:
     """An exclusive flock on ``path``, which is removed afterwards (waiters then retry on the new file)."""
@@ -121,7 +188,7 @@ class Transaction:
     def __init__(self, outputs: Sequence[str | os.PathLike], inputs: Iterable[str | os.PathLike] = ()) -> None:
         self.outputs = [Path(os.path.abspath(o)) for o in outputs]
         self.inputs = [Path(p) for p in inputs]
-        self.lock = self.outputs[0].with_name(f".{self.outputs[0].name}{TAG}lock")
+        self.lock = _lock(self.outputs[0])
         self.token = f"{os.getpid()}-{secrets.token_hex(4)}"
         self.temps: dict[Path, Path] = {}
         self.made_dirs: list[Path] = []
@@ -142,10 +209,12 @@ class Transaction:
         return self.temps[output]
 
     def __enter__(self) -> Transaction:
-        names = [*self.outputs, self.lock, *(self._name(o, k) for o in self.outputs for k in ("tmp", "old"))]
+        names = [*self.outputs, self.lock, self._name(self.outputs[0], "journal"),
+                 *(self._name(o, k) for o in self.outputs for k in ("tmp", "old"))]
         check_distinct(names, self.inputs)
         for folder in sorted({o.parent for o in self.outputs}):
             self._make_dirs(folder)
+        recover(self.outputs[0])
         remove_stale(self.outputs[0])
         self._catch_signals()
         return self
@@ -173,12 +242,16 @@ class Transaction:
             raise KeyboardInterrupt if signum == signal.SIGINT else Terminated(signum)
 
     def _rename(self, order: list[Path]) -> None:
+        journal = self._name(self.outputs[0], "journal")  # for recover() if this process is killed midway
+        backups = {o: self._name(o, "old") if os.path.lexists(o) else None for o in order}
         done: list[tuple[Path, Path | None]] = []
         try:
+            journal.write_text(json.dumps({"renames": [
+                {"output": str(o), "temp": str(self.temps[o]), "backup": backups[o] and str(backups[o])}
+                for o in order]}))
             for output in order:
-                backup = None
-                if os.path.lexists(output):
-                    backup = self._name(output, "old")
+                backup = backups[output]
+                if backup is not None:
                     os.replace(output, backup)
                 done.append((output, backup))
                 os.replace(self.temps[output], output)
@@ -191,10 +264,12 @@ class Transaction:
                         os.replace(backup, output)
                 except OSError:
                     pass
+            journal.unlink(missing_ok=True)
             raise
         for _, backup in done:
             if backup is not None:
                 backup.unlink(missing_ok=True)
+        journal.unlink(missing_ok=True)
 
     def __exit__(self, kind, error, trace) -> None:
         self._restore_signals()

@@ -19,11 +19,12 @@ import torch
 
 from reliability_case import cli, fails, hashes, leftovers, ort_output, peft_output, tiny, tiny_template  # noqa: F401
 from lorapass import atomic
+from lorapass.cli import main
 
 REPO = Path(__file__).resolve().parents[1]
 
 # A real lorapass process whose merge pauses (after the data temporary exists) until a signal arrives, and whose
-# commit can be held at a barrier and slowed down, to place signals and races exactly.
+# commit can be held at a barrier, slowed down or killed after a given rename, to place signals and races exactly.
 DRIVER = r"""
 import os, sys, time
 import lorapass.atomic as atomic
@@ -40,6 +41,8 @@ save._place_tensor = paused_place  # the writer about to fold the merged tensors
 replace, commit = os.replace, atomic.Transaction.commit
 def slow_replace(src, dst):
     replace(src, dst)
+    if os.path.basename(dst) == os.environ.get("KILL_AFTER"):  # SIGKILL right after this rename
+        os.kill(os.getpid(), 9)
     time.sleep(float(os.environ.get("RENAME_PAUSE", "0")))
 def barrier_commit(self):
     barrier = os.environ.get("BARRIER")
@@ -236,6 +239,64 @@ def test_leftovers_of_a_killed_process_are_removed_by_the_next_run(tiny, capsys)
     other.write_text("")
     assert cli(capsys, merge_args(tiny, tiny.out / "o.onnx"))[0] == 0
     assert sorted(p.name for p in tiny.out.iterdir()) == sorted(["o.onnx", "o.onnx.data", alive.name, other.name])
+
+
+def _killed_after(case, rename: str) -> subprocess.Popen:
+    """A merge of adapter A to o.onnx SIGKILLed right after its commit renamed ``rename`` into place."""
+    proc = driver(merge_args(case, case.out / "o.onnx"), KILL_AFTER=rename)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == -signal.SIGKILL, err
+    return proc
+
+
+def _merged(case, adapter) -> dict[str, bytes]:
+    out = case.root / f"solo_{adapter.name}"
+    out.mkdir(exist_ok=True)
+    if not (out / "o.onnx").exists():
+        assert main([str(a) for a in merge_args(case, out / "o.onnx", adapter)]) == 0
+    return {p.name: p.read_bytes() for p in out.iterdir()}
+
+
+def _files(folder: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in folder.iterdir()}
+
+
+@pytest.mark.parametrize("previous", [True, False], ids=["over-a-previous-output", "new-output"])
+def test_a_commit_killed_between_its_renames_is_refused_then_rolled_back(tiny, capsys, previous):
+    """Killed after the data file's rename, before the model's: the new data sits beside the old model (or no
+    model). Readers refuse it by name; the next write to it first puts every previous file back."""
+    new, old = _merged(tiny, tiny.a), _merged(tiny, tiny.b)
+    assert new["o.onnx.data"] != old["o.onnx.data"]
+    if previous:
+        assert cli(capsys, merge_args(tiny, tiny.out / "o.onnx", tiny.b))[0] == 0
+    proc = _killed_after(tiny, "o.onnx.data")
+    journal = f".o.onnx.lorapass-{proc.pid}-"
+    assert any(p.name.startswith(journal) and p.name.endswith(".journal") for p in leftovers(tiny.out))
+    if previous:
+        assert (tiny.out / "o.onnx").read_bytes() == old["o.onnx"]  # the half-committed pair
+        assert (tiny.out / "o.onnx.data").read_bytes() == new["o.onnx.data"]
+        status, err = cli(capsys, ["inspect", tiny.out / "o.onnx"])
+        assert status == 2 and "killed midway" in err and journal in err and "Traceback" not in err, err
+    assert atomic.recover(tiny.out / "o.onnx") == ([tiny.out / "o.onnx.data"])
+    atomic.remove_stale(tiny.out / "o.onnx")
+    assert _files(tiny.out) == (old if previous else {})
+    assert leftovers(tiny.root) == []
+    _killed_after(tiny, "o.onnx.data")  # again, then a plain rewrite recovers and commits
+    assert cli(capsys, merge_args(tiny, tiny.out / "o.onnx"))[0] == 0
+    assert _files(tiny.out) == new and leftovers(tiny.root) == []
+
+
+def test_a_commit_killed_after_its_model_rename_is_completed(tiny, capsys):
+    """Killed after the last rename, before the previous files were removed: the new pair is whole; recovery
+    removes the moved-aside files and the journal."""
+    new = _merged(tiny, tiny.a)
+    assert cli(capsys, merge_args(tiny, tiny.out / "o.onnx", tiny.b))[0] == 0
+    _killed_after(tiny, "o.onnx")
+    assert {p.name.rsplit(".", 1)[1] for p in leftovers(tiny.out)} == {"old", "journal", "lorapass-lock"}
+    assert atomic.recover(tiny.out / "o.onnx") == []
+    assert _files(tiny.out) == new and leftovers(tiny.root) == []
+    x = torch.randn(2, 16)
+    np.testing.assert_allclose(ort_output(tiny.out / "o.onnx", x), peft_output(tiny, tiny.a, x), rtol=1e-5, atol=1e-5)
 
 
 def test_concurrent_writers_never_pair_a_model_with_the_other_writers_data(tiny, capsys, tmp_path):

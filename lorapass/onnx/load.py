@@ -7,6 +7,7 @@ from pathlib import Path
 
 import onnx_ir as ir
 
+from lorapass.atomic import interrupted
 from lorapass.errors import ModelError
 from lorapass.onnx.dialects import SOURCE
 
@@ -14,14 +15,18 @@ from lorapass.onnx.dialects import SOURCE
 def load_model(path: str | os.PathLike) -> ir.Model:
     """Load ``path`` with its weights left on disk; raise ModelError naming the file on any problem.
 
-    Refused: a missing, empty or unparsable file; a protobuf without a graph or without an opset import;
-    external data that is not a file inside the model's folder, or whose range does not hold the tensor.
+    Refused: a missing, empty or unparsable file; a file a killed lorapass commit left midway; a protobuf
+    without a graph or without an opset import; external data that is not a file inside the model's folder, or
+    whose range does not hold the tensor.
     """
     path = Path(path)
     if not path.is_file():
         raise ModelError(f"{path}: no such ONNX file")
     if path.stat().st_size == 0:
         raise ModelError(f"{path}: the file is empty")
+    if journals := interrupted(path):
+        raise ModelError(f"{path}: a lorapass commit to it was killed midway ({journals[0].name}), so it may not "
+                         "match its data files; write it again (the next write first puts the previous files back)")
     try:
         model = ir.load(path)
     except Exception as exc:  # protobuf and onnx_ir raise many types for a corrupt file
