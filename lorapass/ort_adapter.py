@@ -230,9 +230,9 @@ class Session:
         for key, value in session_options.items():
             setattr(options, key, value)
         self.model = Path(model)
+        graph = load_model(model)  # first: it refuses files a killed commit left unmatched, by name
         self.session = ort.InferenceSession(str(model), options, providers=providers or ["CPUExecutionProvider"])
         self.adapters: dict[str, object] = {}
-        graph = load_model(model)
         records = json.loads(graph.metadata_props.get(METADATA_KEY, "[]"))
         bank = next((r for r in records if isinstance(r, dict) and r.get("slot") == "bank"), None)
         self.ids: str | None = bank["ids"] if bank else None
