@@ -61,10 +61,28 @@ def test_fx_refuses_kinds_it_does_not_apply(llama, tmp_path):
             fx.apply(program, tmp_path / "ad", strategy)
 
 
-def test_fx_lora_bias_dynamic_matches_peft_merge_refused(llama, tmp_path):
-    model, program = llama
-    peft_model = make_variant(model, tmp_path / "ad", seed=6, r=4, lora_alpha=8, target_modules=["v_proj"], lora_bias=True)
+@pytest.mark.parametrize("family, targets", [("llama", ["v_proj", "down_proj"]), ("opt", ["q_proj", "fc1"])],
+                         ids=["no-base-bias", "base-bias"])
+def test_fx_lora_bias_merge_and_dynamic_match_peft(llama, tmp_path, family, targets):
+    """Llama's linears have no bias (merge gives them one: PEFT's merge refuses, its unmerged output is the
+    reference); OPT's have one (merge adds to it)."""
+    if family == "llama":
+        model, program = llama
+    else:
+        model = build(family)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            program = trace(Wrapper(model), (example_ids(),))
+    peft_model = make_variant(model, tmp_path / "ad", seed=6, r=4, lora_alpha=8, target_modules=targets, lora_bias=True)
     ids = example_ids(batch=2, seq=9, seed=3)
-    assert rel_err(run(fx.apply(program, tmp_path / "ad", "dynamic").program, ids), eager(peft_model, ids)) <= TOL
-    with pytest.raises(UnsupportedError, match=r"lora_B\.bias.*'bias'.*merge"):
-        fx.apply(program, tmp_path / "ad", "merge")
+    expected = eager(peft_model, ids)
+    before = {k: v.clone() for k, v in program.state_dict.items()}
+    for strategy in ("merge", "dynamic"):
+        result = fx.apply(program, tmp_path / "ad", strategy)
+        assert rel_err(run(result.program, ids), expected) <= TOL, strategy
+    assert all(torch.equal(program.state_dict[k], v) for k, v in before.items())  # the input program is untouched
+    with torch.no_grad():  # the LoRA biases matter: without them PEFT's output moves
+        for name, param in peft_model.named_parameters():
+            if "lora_B" in name and name.endswith(".bias"):
+                param.zero_()
+    assert rel_err(eager(peft_model, ids), expected) > 1e-3

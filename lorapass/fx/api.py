@@ -78,19 +78,17 @@ def apply(model: torch.nn.Module | ExportedProgram | GraphModule, rules_or_adapt
 
 
 def _refuse_unsupported(targets: list[Target], strategy: str) -> None:
-    """The fx pass applies low-rank kinds (LoRA, DoRA, embedding LoRA; a LoRA bias in dynamic only): refuse the
+    """The fx pass applies low-rank kinds (LoRA with or without a LoRA bias, DoRA, embedding LoRA): refuse the
     others by key and kind (the ONNX pass applies them)."""
     for target in targets:
         module = target.module
         if module is None:
             continue
         parts = module.parts(target.site)
-        bias = getattr(module, "bias", None) is not None and strategy == "merge"
-        if parts - {"low_rank"} or bias:
-            key = module.key("lora_bias") if bias else module.key()
-            raise UnsupportedError(f"{module.source}: {key} ({module.name}, changes "
-                                   f"{sorted(parts | ({'bias'} if bias else set()))}) is not supported by the fx "
-                                   f"frontend's {strategy}; apply it to the ONNX export (lorapass rewrite)")
+        if parts - {"low_rank"}:
+            raise UnsupportedError(f"{module.source}: {module.key()} ({module.name}, changes {sorted(parts)}) is not "
+                                   f"supported by the fx frontend's {strategy}; apply it to the ONNX export "
+                                   "(lorapass rewrite)")
 
 
 def rewrite(model: torch.nn.Module | ExportedProgram | GraphModule, rules_or_adapter: Any = None,

@@ -1,11 +1,14 @@
 """Strategy ``merge`` on an fx graph: each targeted parameter becomes its kind's merged weight (W + scale·B·A, DoRA,
-embedding LoRA), in its own layout and dtype. Kinds that change more than the weight (LoRA bias, replaced modules,
-trainable tokens) are refused by name: the ONNX pass applies them.
+embedding LoRA), in its own layout and dtype, and a LoRA bias (PEFT's ``lora_bias``) is added, times the scale, to
+the site's bias. Kinds that replace tensors (replaced modules, trainable tokens) are refused by name: the ONNX pass
+applies them.
 
 The graph keeps its shape; only state changes. A weight read only by its own site is replaced under its own
 name (a new tensor: the traced model's parameters are never written). One that other nodes also read (a
 weight shared between modules, or with non-site readers) is copied: the site gets a new parameter
-``<path>.weight`` (made unique) and the others keep the original.
+``<path>.weight`` (made unique) and the others keep the original. A site without a bias gets one, a new
+parameter ``<path>.bias``, when it is an ``aten.linear`` (PEFT's own merge refuses that case; its unmerged
+output is the reference); other bias-less forms, and a bias other nodes also read, are refused by name.
 """
 
 from __future__ import annotations
@@ -75,7 +78,35 @@ def merge(program: Program, report: SiteReport, targets: list[Target]) -> int:
             fresh = program.add(name, merged(tensor, target), parameter=True)
             _rewire_weight(program, node, fresh)
             changed += 1
+    for target in targets:
+        changed += _merge_bias(program, report, target, nodes[target.site.node], holders_of)
     return changed
+
+
+def _merge_bias(program: Program, report: SiteReport, target: Target, node: Node,
+                holders_of: dict[str, list[Node]]) -> int:
+    """Add the target's scaled LoRA bias to its site's bias (made if the site is a bias-less linear); returns 1 if
+    it did, 0 when the module has no LoRA bias."""
+    bias = target.module.lora_bias()
+    if bias is None:
+        return 0
+    site, key = target.site, target.module.key("lora_bias")
+    delta = torch.from_numpy(np.ascontiguousarray(bias, np.float32))
+    if site.bias is not None:
+        if not _readers(program, holders_of.get(site.bias, [])) <= {node}:
+            raise UnsupportedError(f"{target.module.source}: {key} adds to the bias {site.bias!r} of site "
+                                   f"{site.path!r}, which other nodes also read; apply it to the ONNX export")
+        old = program.tensor(site.bias)
+        program.replace(site.bias, (old.float() + delta.to(old.device)).to(old.dtype))
+        return 1
+    if node.op != "call_function" or node.target != aten.linear.default or len(node.args) != 2:
+        raise UnsupportedError(f"{target.module.source}: {key} needs a bias at site {site.path!r} ({node.target}), "
+                               "which has none to add it to; apply it to the ONNX export (lorapass rewrite)")
+    weight = program.tensor(site.weight)
+    fresh = program.add(_unique(program, f"{full_path(report, site.path)}.bias"),
+                        delta.to(device=weight.device, dtype=weight.dtype), parameter=True)
+    node.args = (*node.args, fresh)
+    return 1
 
 
 def _rewire_weight(program: Program, node: Node, fresh: Node) -> None:
