@@ -72,8 +72,8 @@ def _metadata(file: TensorFile) -> dict:
         return {}
     try:
         data = json.loads(text)
-    except ValueError as exc:
-        raise AdapterError(f"{file.path}: the {METADATA!r} metadata is not valid JSON ({exc})") from exc
+    except (ValueError, RecursionError) as exc:
+        raise AdapterError(f"{file.path}: the {METADATA!r} metadata is not valid JSON ({exc})") from None
     if not isinstance(data, dict):
         raise AdapterError(f"{file.path}: the {METADATA!r} metadata is not a JSON object")
     return data
@@ -123,9 +123,12 @@ def read(path: Path) -> Adapter:
         config = _component_config(metadata, component)
         if config is not None:
             rule = LoraRule.from_peft_config(config)
+            if rule.use_dora:
+                raise UnsupportedError(f"{path}: its {METADATA!r} sets use_dora{f' for {component}' if component else ''}: "
+                                       "lorapass does not implement DoRA in diffusers files")
         else:
-            ranks = {m: file.shape(roles["lora_B"])[1] for m, roles in mine.items()}
-            alphas = {m: float(file.read(roles["alpha"]).reshape(-1)[0]) for m, roles in mine.items() if "alpha" in roles}
+            ranks = {m: TensorRef(file, roles["lora_B"]).rank(1) for m, roles in mine.items()}
+            alphas = {m: file.scalar(roles["alpha"]) for m, roles in mine.items() if "alpha" in roles}
             rule = derived_rule(path.stem, ranks, alphas)
         spelling = Spelling(component, f"{component}." if component else "", False)
         for module, roles in sorted(mine.items()):

@@ -55,7 +55,7 @@ def detect(keys: Iterable[str]) -> bool:
 def _alpha(file: TensorFile, roles: dict[str, str], r: int) -> float:
     if "alpha" not in roles:
         return float(r)
-    value = float(file.read(roles["alpha"]).reshape(-1)[0])
+    value = file.scalar(roles["alpha"])
     return value if value != 0 else float(r)
 
 
@@ -72,7 +72,7 @@ def _kind(file: TensorFile, module: str, roles: dict[str, str]) -> Kind:
     if present <= _LORA:
         _need(source, module, roles, "lora_down.weight", "lora_up.weight")
         down, up = ref["lora_down.weight"], ref["lora_up.weight"]
-        r = down.shape[0]
+        r = down.rank(0)
         alpha = _alpha(file, roles, r)
         if "lora_mid.weight" in ref:
             return LoraCP(module, source, down, ref["lora_mid.weight"], up, r, alpha, alpha / r)
@@ -83,7 +83,7 @@ def _kind(file: TensorFile, module: str, roles: dict[str, str]) -> Kind:
         _need(source, module, roles, *tucker)
         w1 = tuple(ref[k] for k in ("hada_w1_a", "hada_w1_b", *tucker[:1]))
         w2 = tuple(ref[k] for k in ("hada_w2_a", "hada_w2_b", *tucker[1:]))
-        r = ref["hada_w1_b"].shape[0]
+        r = ref["hada_w1_b"].rank(0)
         alpha = _alpha(file, roles, r)
         return Loha(module, source, w1, w2, r, alpha, alpha / r)
     if present <= _LOKR:
@@ -107,9 +107,9 @@ def _lokr(file: TensorFile, module: str, roles: dict[str, str], ref: dict[str, T
             raise AdapterError(f"{source}: LoKr module {module!r} has lokr_t2 without lokr_w2_a/lokr_w2_b")
         w2 = (*w2, ref["lokr_t2"])
     if len(w1) == 2:
-        r = w1[0].shape[1]
+        r = w1[0].rank(1)
     elif len(w2) >= 2:
-        r = w2[2].shape[0] if len(w2) == 3 else w2[0].shape[1]
+        r = w2[2].rank(0) if len(w2) == 3 else w2[0].rank(1)
     else:  # both factors full: LyCORIS uses scale 1 whatever alpha says
         return Lokr(module, source, w1, w2, 1, 1.0, 1.0)
     alpha = _alpha(file, roles, r)

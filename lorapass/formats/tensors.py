@@ -58,6 +58,13 @@ class TensorFile:
                 self._read_safetensors()
         return self._cache[key]
 
+    def scalar(self, key: str) -> float:
+        """The one value of ``key`` (a network alpha); AdapterError naming it if it holds more or none."""
+        value = self.read(key)
+        if value.size != 1:
+            raise AdapterError(f"{self.path}: tensor {key!r} has shape {list(value.shape)}; an alpha is one value")
+        return float(value.reshape(-1)[0])
+
     def shape(self, key: str) -> tuple[int, ...]:
         if not self.pickled:
             self.keys()
@@ -112,3 +119,11 @@ class TensorRef:
     @property
     def shape(self) -> tuple[int, ...]:
         return self.file.shape(self.key)
+
+    def rank(self, axis: int) -> int:
+        """The LoRA rank this tensor's ``axis`` gives; AdapterError naming it if it has no such axis or it is 0."""
+        shape = self.shape
+        if len(shape) <= axis or shape[axis] < 1:
+            raise AdapterError(f"{self.file.path}: tensor {self.key!r} has shape {list(shape)}: no rank on its axis "
+                               f"{axis}, so it is no LoRA factor")
+        return shape[axis]

@@ -15,7 +15,7 @@ from typing import ClassVar
 
 import numpy as np
 
-from lorapass.errors import ShapeMismatchError, UnsupportedError
+from lorapass.errors import AdapterError, ShapeMismatchError, UnsupportedError
 from lorapass.formats.tensors import TensorRef
 from lorapass.site import Site
 
@@ -61,6 +61,9 @@ class Kind(ABC):
         shapes = {"weight": weight_shape(site), "bias": (site.out_features,)}
         bases = {"base_weight": self.saved_base} if self.saved_base is not None else {}
         for role, ref in (self.replaced | bases).items():
+            if role == "bias" and site.bias is None:
+                raise AdapterError(f"{self.source}: {ref.key} replaces the bias of site {site.path!r} ({site.op} "
+                                   f"{site.node!r}), which has none (PEFT would ignore it)")
             want = shapes["bias" if role == "bias" else "weight"]
             if ref.shape != want:
                 raise ShapeMismatchError(f"{self.source}: {ref.key} has shape {list(ref.shape)}, site {site.path!r} "

@@ -57,7 +57,26 @@ class Lokr(LowRank):
             return a_c, (w2[0].shape[1], w2[1].shape[1] * int(np.prod(t[2:], dtype=int))), tuple(t[2:])
         return a_c, (w2[0].shape[0], w2[1].shape[1]), None
 
+    def _check_factors(self) -> None:
+        """ShapeMismatchError naming the key of a factor with the wrong number of axes, or of a product whose inner
+        sizes differ (w1_a @ w1_b, w2_a @ w2_b, or the Tucker core's against w2_a and w2_b)."""
+        refs = dict(zip(self.own_keys(), (*self.w1, *self.w2)))
+        for role, ref in refs.items():
+            kernel = role in ("lokr_w2", "lokr_t2")
+            if len(ref.shape) not in ((2, 4) if kernel else (2,)):
+                raise ShapeMismatchError(f"{self.source}: LoKr module {self.path!r}: {ref.key} has shape "
+                                         f"{list(ref.shape)}; {role} is a matrix{' or a 4-D kernel' if kernel else ''}")
+        inner = [("lokr_w1_a", 1, "lokr_w1_b", 0)]
+        inner += ([("lokr_t2", 0, "lokr_w2_a", 0), ("lokr_t2", 1, "lokr_w2_b", 0)] if "lokr_t2" in refs
+                  else [("lokr_w2_a", 1, "lokr_w2_b", 0)])
+        for left, i, right, j in inner:
+            if left in refs and refs[left].shape[i] != refs[right].shape[j]:
+                raise ShapeMismatchError(f"{self.source}: LoKr module {self.path!r}: {refs[left].key} "
+                                         f"{list(refs[left].shape)} and {refs[right].key} {list(refs[right].shape)} do "
+                                         f"not compose (axis {i} of {left} must equal axis {j} of {right})")
+
     def check_own(self, site: Site) -> None:
+        self._check_factors()
         (a, c), (b, e), kernel = self._shapes()
         n = site.in_features * int(np.prod(site.kernel, dtype=int))
         fits = a * b == site.out_features and c * e == n and site.in_features % c == 0
@@ -66,7 +85,8 @@ class Lokr(LowRank):
         if not fits:
             shapes = ", ".join(f"{key} {list(ref.shape)}" for key, ref in zip(self.own_keys().values(), (*self.w1, *self.w2)))
             raise ShapeMismatchError(
-                f"{self.source}: LoKr module {self.path!r} ({shapes}) gives kron shape [{a * b}, {c * e}], site "
+                f"{self.source}: LoKr module {self.path!r} ({shapes}) gives kron shape [{a * b}, {c * e}]"
+                + (f" with kernel {'x'.join(map(str, kernel))}" if kernel else "") + ", site "
                 f"{site.path!r} ({site.op} {site.node!r}, {site.in_features}->{site.out_features}"
                 + (f", kernel {'x'.join(map(str, site.kernel))}" if site.kernel else "") + f") needs [{site.out_features}, {n}]")
 
