@@ -54,6 +54,9 @@ class Branch:
 
 Pattern = Callable[[ir.Node], "Match | Unsupported | Branch | None"]
 
+FLOATS = frozenset({ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.BFLOAT16, ir.DataType.DOUBLE})
+"""The weight dtypes a float delta can be merged into."""
+
 
 def standard(node: ir.Node) -> bool:
     """Whether ``node`` is in the default ONNX domain."""

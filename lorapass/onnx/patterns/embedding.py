@@ -5,10 +5,8 @@ from __future__ import annotations
 
 import onnx_ir as ir
 
-from lorapass.onnx.patterns import Match, standard, weight_constant
+from lorapass.onnx.patterns import FLOATS, Match, standard, weight_constant
 from lorapass.onnx.storage import Plain, View
-
-_FLOATS = {ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.BFLOAT16, ir.DataType.DOUBLE}
 
 
 def match(node: ir.Node) -> Match | None:
@@ -16,7 +14,7 @@ def match(node: ir.Node) -> Match | None:
         return None
     axis = node.attributes.get("axis")
     table = weight_constant(node.inputs[0])
-    if (axis is not None and axis.as_int() != 0) or table is None or table.const_value.dtype not in _FLOATS:
+    if (axis is not None and axis.as_int() != 0) or table is None or table.const_value.dtype not in FLOATS:
         return None
     store = Plain(table, "out_in")
     rows, dim = store.shape

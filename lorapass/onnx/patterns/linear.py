@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import onnx_ir as ir
 
-from lorapass.onnx.patterns import Match, standard, weight_constant, constant
+from lorapass.onnx.patterns import FLOATS, Match, Unsupported, constant, standard, weight_constant
 from lorapass.onnx.storage import NewBias, Plain, View
 
 
@@ -45,7 +45,10 @@ def _bias_view(node: ir.Node, bias: ir.Value | None, features: int, dtype: ir.Da
 
 
 def _match(node: ir.Node, weight: ir.Value, tensor: ir.Value, layout: str, bias: ir.Value | None,
-           output: ir.Value) -> Match:
+           output: ir.Value) -> Match | Unsupported:
+    if tensor.const_value.dtype not in FLOATS:
+        return Unsupported(node, f"{node.op_type} over the {tensor.const_value.dtype.name} weight {tensor.name!r}: an "
+                                 "integer product has no float weight to add a LoRA delta to")
     store = Plain(tensor, layout)
     out_f, in_f = store.shape
     dtype = store.dtype
@@ -54,7 +57,7 @@ def _match(node: ir.Node, weight: ir.Value, tensor: ir.Value, layout: str, bias:
                  _bias_view(bias_node, bias, out_f, tensor.const_value.dtype))
 
 
-def match(node: ir.Node) -> Match | None:
+def match(node: ir.Node) -> Match | Unsupported | None:
     if not standard(node) or len(node.inputs) < 2:
         return None
     rhs = node.inputs[1]
