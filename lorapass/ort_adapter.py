@@ -233,8 +233,8 @@ class Session:
         graph = load_model(model)  # first: it refuses files a killed commit left unmatched, by name
         self.session = ort.InferenceSession(str(model), options, providers=providers or ["CPUExecutionProvider"])
         self.adapters: dict[str, object] = {}
-        records = json.loads(graph.metadata_props.get(METADATA_KEY, "[]"))
-        bank = next((r for r in records if isinstance(r, dict) and r.get("slot") == "bank"), None)
+        slots = slots_of(model, graph)[0] if METADATA_KEY in graph.metadata_props else []
+        bank = next((slot.record for slot in slots if slot.banked), None)
         self.ids: str | None = bank["ids"] if bank else None
         self.banks: dict[str | None, list[str | None]] = {None: bank["adapters"]} if bank else {}
         """Multi graphs: the adapter of each id from 1, per adapter file (None: the graph's own bank)."""
@@ -247,8 +247,13 @@ class Session:
 
         if not Path(path).is_file():
             raise AdapterError(f"{path}: no such ONNX Runtime adapter file")
+        try:
+            params = ort.AdapterFormat.read_adapter(str(path)).get_parameters()
+        except RuntimeError as exc:  # onnxruntime's only error for a file it cannot parse
+            raise AdapterError(f"{path}: not an ONNX Runtime adapter file ({exc})") from None
+        self._check_parameters(path, {name: tuple(v.shape()) for name, v in params.items()})
         if self.ids is not None:
-            slots = {v.shape()[0] for v in ort.AdapterFormat.read_adapter(str(path)).get_parameters().values()}
+            slots = {v.shape()[0] for v in params.values()}
             if len(slots) != 1:
                 raise AdapterError(f"{path}: not a bank file for {self.model} (banks of {sorted(slots)} slots)")
             size = slots.pop() - 1
@@ -262,6 +267,18 @@ class Session:
         adapter = ort.LoraAdapter()
         adapter.Load(str(path))
         self.adapters[name] = adapter
+
+    def _check_parameters(self, path: str | os.PathLike, shapes: dict[str, tuple[int, ...]]) -> None:
+        """AdapterError naming a parameter of the adapter file that is no input of the graph, or whose shape does
+        not fit the input's fixed dims (ONNX Runtime would only fail on the first run)."""
+        inputs = {i.name: i.shape for i in [*self.session.get_inputs(), *self.session.get_overridable_initializers()]}
+        for name, shape in shapes.items():
+            if name not in inputs:
+                raise AdapterError(f"{path}: parameter {name!r} is no input of {self.model} (an adapter file for "
+                                   "another graph, or a bank file for a dynamic one?)")
+            dims = inputs[name]
+            if len(shape) != len(dims) or any(isinstance(d, int) and d != n for d, n in zip(dims, shape)):
+                raise AdapterError(f"{path}: parameter {name!r} has shape {list(shape)}, the graph input is {dims}")
 
     def run(self, feeds: dict[str, np.ndarray], adapter: str | None = None, outputs: list[str] | None = None,
             adapters: Sequence[str | int | None] | None = None) -> list[np.ndarray]:
@@ -291,6 +308,8 @@ class Session:
         for row, a in enumerate(adapters):
             if a is None or isinstance(a, (int, np.integer)):
                 ids.append(0 if a is None else int(a))
+                if not 0 <= ids[-1] <= len(names):
+                    raise AdapterError(f"row {row}: id {ids[-1]} is outside the bank (ids 0..{len(names)})")
             elif a in names:
                 ids.append(names.index(a) + 1)
             else:

@@ -135,12 +135,41 @@ def register(cls: type[Slot]) -> type[Slot]:
     return cls
 
 
+_NAMES = ("path", "module", "lora_A", "lora_B", "ids", "dora_factor", "lora_bias", "weight", "bias", "base_bias")
+_SIZES = ("in", "out", "r", "slots")
+_REQUIRED = {"bank": ("ids", "adapters", "inner")}
+
+
 def from_record(record: dict) -> Slot:
-    """The slot a ``lorapass.lora`` record describes (records without ``slot`` are linear, as first written)."""
+    """The slot a ``lorapass.lora`` record describes (records without ``slot`` are linear, as first written);
+    KeyError for an unknown slot type or a missing field, TypeError naming a field of the wrong type."""
+    _check_record(record, "record")
     kind = record.get("slot", "linear")
     if kind not in _TYPES:
         raise KeyError(kind)
     return _TYPES[kind](record)
+
+
+def _check_record(record: dict, where: str) -> None:
+    """The fields slots read as names (strings) and sizes (positive ints), in the record and its inner record and
+    parts; a bank's ids, adapter names and inner record."""
+    if not isinstance(record, dict):
+        raise TypeError(f"{where} is a {type(record).__name__}, not an object")
+    for key in _REQUIRED.get(record.get("slot"), ()):
+        if key not in record:
+            raise KeyError(f"{where} has no {key!r}")
+    bad = next((k for k in _NAMES if k in record and not isinstance(record[k], str)), None) or next(
+        (k for k in _SIZES if k in record and (type(record[k]) is not int or record[k] < 1)), None)
+    if bad is not None:
+        raise TypeError(f"{where}.{bad} = {record[bad]!r} is not a {'name' if bad in _NAMES else 'positive size'}")
+    if "adapters" in record and not (isinstance(record["adapters"], list)
+                                     and all(a is None or isinstance(a, str) for a in record["adapters"])):
+        raise TypeError(f"{where}.adapters = {record['adapters']!r} is not a list of adapter names")
+    if "inner" in record:
+        _check_record(record["inner"], f"{where}.inner")
+    parts = record.get("parts", [])
+    for i, part in enumerate(parts if isinstance(parts, list) else [parts]):
+        _check_record(part, f"{where}.parts[{i}]")
 
 
 class Branch:
