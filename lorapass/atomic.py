@@ -68,6 +68,8 @@ def check_distinct(outputs: Iterable[Path], inputs: Iterable[Path]) -> None:
         if (ident := _identity(Path(path))) is not None:
             by_inode[ident] = Path(path)
     for out in outputs:
+        if "\0" in str(out):
+            raise ModelError(f"{str(out)!r}: a file name cannot hold a NUL byte")
         same = by_path.get(out.resolve()) or by_inode.get(_identity(out) or (-1, -1))
         if same is not None:
             raise ModelError(f"{out}: the output must not overwrite the input file {same}")

@@ -387,9 +387,12 @@ def verify(base: str | os.PathLike, rewritten: str | os.PathLike, adapter: str |
         sessions = {"base": _session(base), "rewritten": _session(rewritten), "reference": reference}
         for role, session in sessions.items():
             names = {i.name for i in session.get_inputs()}
-            unknown = sorted(set(feeds) - names)
+            unknown, needed = sorted(set(feeds) - names), sorted(names - set(feeds))
             if unknown:
                 raise ModelError(f"{rewritten if role == 'rewritten' else base}: has no input(s) {unknown}")
+            if needed:  # a multi graph's lora_ids: which row runs which adapter is no base model's input
+                raise UnsupportedError(f"{rewritten}: needs input(s) {needed} the base model does not have; verify "
+                                       "compares merge and dynamic rewrites with the base")
         outputs = [o.name for o in reference.get_outputs()]
         missing = sorted(set(outputs) - {o.name for o in sessions["rewritten"].get_outputs()})
         if missing:

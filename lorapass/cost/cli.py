@@ -18,8 +18,8 @@ def _dims(items: list[str] | None) -> dict[str, int]:
             out[name] = int(value)
         except ValueError:
             sep = ""
-        if not sep or not name:
-            raise SpecError(f"--dims {item!r}: expected NAME=INTEGER")
+        if not sep or not name or out[name] < 1:
+            raise SpecError(f"--dims {item!r}: expected NAME=INTEGER, the integer positive")
     return out
 
 
