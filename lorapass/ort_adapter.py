@@ -18,7 +18,7 @@ from lorapass.errors import AdapterError, ModelError
 from lorapass.onnx.fold import read
 from lorapass.onnx.load import load_model
 from lorapass.onnx.sites import find_sites
-from lorapass.onnx.slots import METADATA_KEY, SITES_KEY, Slot, from_record
+from lorapass.onnx.slots import METADATA_KEY, SITES_KEY, Slot, read_records
 from lorapass.provenance import input_files
 from lorapass.site import Site
 
@@ -32,17 +32,8 @@ def slots_of(model: str | os.PathLike, graph: ir.Model | None = None) -> tuple[l
     text = graph.metadata_props.get(METADATA_KEY)
     if text is None:
         raise ModelError(f"{model}: not a lorapass dynamic graph (no {METADATA_KEY!r} metadata)")
-    try:
-        records = json.loads(text)
-    except (ValueError, RecursionError) as exc:
-        raise ModelError(f"{model}: metadata {METADATA_KEY!r} is not valid JSON ({exc})") from None
-    try:
-        if not isinstance(records, list):
-            raise TypeError("not a list")
-        slots = [from_record(rec) for rec in records]
-        names = {i.name for slot in slots for i in slot.inputs()}
-    except (TypeError, KeyError, AttributeError) as exc:
-        raise ModelError(f"{model}: metadata {METADATA_KEY!r} must be a JSON list of slot records ({exc!r})") from None
+    slots = read_records(text, model)
+    names = {i.name for slot in slots for i in slot.inputs()}
     dtypes = {v.name: np.dtype(_DTYPES.get(v.dtype, np.float32)) for v in graph.graph.inputs}
     missing = sorted(names - set(dtypes))
     if missing:

@@ -135,6 +135,7 @@ def _expr(text: str):
 def _static(path: str, mtime: float, prefix: str | None) -> _Static:
     from lorapass.onnx.load import load_model
     from lorapass.onnx.sites import find_sites
+    from lorapass.onnx.slots import METADATA_KEY, read_records
 
     ir_model = load_model(path)
     report = find_sites(ir_model, prefix=prefix)
@@ -146,12 +147,10 @@ def _static(path: str, mtime: float, prefix: str | None) -> _Static:
     inits = {i.name: i for i in graph.initializer}
     ranks: dict[str, int] = {}
     meta = {p.key: p.value for p in proto.metadata_props}
-    if "lorapass.lora" in meta:
-        try:
-            for rec in json.loads(meta["lorapass.lora"]):
-                ranks[rec["path"]] = int(rec["r"])
-        except (ValueError, KeyError, TypeError):
-            pass
+    if METADATA_KEY in meta:
+        for slot in read_records(meta[METADATA_KEY], path):
+            if "r" in slot.record:
+                ranks[slot.path] = slot.record["r"]
     # bind the graph inputs' symbolic dims: token inputs give batch/seq, initializer-backed inputs their own shape
     symbols: dict[str, str] = {}
     for inp in graph.input:

@@ -70,14 +70,19 @@ class UnetLayout:
     @classmethod
     def from_config(cls, config: str | Path | dict) -> UnetLayout:
         """The layout a diffusers UNet config declares (a ``config.json`` file, or its contents)."""
+        source = "the UNet config" if isinstance(config, dict) else config
         try:
             if not isinstance(config, dict):
                 config = json.loads(Path(config).read_text(encoding="utf-8"))
             down_types, up_types = list(config["down_block_types"]), list(config["up_block_types"])
             layers = config.get("layers_per_block", 2)
-        except (OSError, ValueError, KeyError, TypeError) as exc:
-            raise AdapterError(f"{config}: not a readable diffusers UNet config.json ({exc})") from exc
-        per_block = [layers] * len(down_types) if isinstance(layers, int) else list(layers)
+        except (OSError, ValueError, KeyError, TypeError, RecursionError) as exc:
+            raise AdapterError(f"{source}: not a readable diffusers UNet config.json ({exc})") from None
+        per_block = [layers] * len(down_types) if isinstance(layers, int) else layers
+        if not (all(isinstance(t, str) for t in down_types + up_types) and isinstance(per_block, list)
+                and len(per_block) == len(down_types) and all(type(n) is int and n >= 0 for n in per_block)):
+            raise AdapterError(f"{source}: not a diffusers UNet config: down_block_types / up_block_types must list "
+                               "block class names and layers_per_block be a count or one per down block")
         last = len(down_types) - 1
         down = tuple(Block(n, "Attn" in t, i < last) for i, (t, n) in enumerate(zip(down_types, per_block)))
         up = tuple(Block(n + 1, "Attn" in t, i < last) for i, (t, n) in enumerate(zip(up_types, reversed(per_block))))

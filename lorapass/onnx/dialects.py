@@ -138,7 +138,8 @@ def _read_config(folder: Path, model_file: str) -> tuple[str | None, str | None,
     if genai.is_file():
         data = _json(genai)
         model = data.get("model", {}) if isinstance(data, dict) else {}
-        decoder = model.get("decoder", {}) if isinstance(model, dict) else {}
+        model = model if isinstance(model, dict) else {}
+        decoder = model.get("decoder", {})
         if isinstance(decoder, dict) and decoder.get("filename", model_file) == model_file:
             return str(genai), model.get("type"), _rows(decoder, decoder.get("head_size"))
     hf = folder / "config.json"
@@ -161,8 +162,8 @@ def _rows(config: dict, head_size) -> dict:
 def _json(path: Path):
     try:
         return json.loads(path.read_text())
-    except (OSError, ValueError) as exc:
-        raise ModelError(f"{path}: not a readable JSON file ({exc})") from exc
+    except (OSError, ValueError, RecursionError) as exc:
+        raise ModelError(f"{path}: not a readable JSON file ({exc})") from None
 
 
 def detect(model: ir.Model, linears: Iterable[tuple[ir.Node, ir.Value]], aliases: Mapping[str, str] | None = None) -> Dialect:

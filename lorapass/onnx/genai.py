@@ -31,7 +31,7 @@ def _config(model: Path) -> dict | None:
     path = model.parent / CONFIG
     try:
         config = json.loads(path.read_text()) if path.is_file() else None
-    except (OSError, ValueError):
+    except (OSError, ValueError, RecursionError):
         return None
     decoder = _decoder(config)
     return config if decoder is not None and decoder.get("filename") == model.name else None

@@ -2,17 +2,15 @@
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass, field, replace
 
 import onnx_ir as ir
 
-from lorapass.errors import ModelError
 from lorapass.onnx import naming, packing
-from lorapass.onnx.dialects import detect
+from lorapass.onnx.dialects import SOURCE, detect
 from lorapass.onnx.patterns import PATTERNS, Branch, Match, Unsupported
-from lorapass.onnx.slots import METADATA_KEY
+from lorapass.onnx.slots import METADATA_KEY, read_records
 from lorapass.site import Site
 
 _PASS_THROUGH = {"Reshape", "Cast", "Identity", "Squeeze", "Unsqueeze", "Flatten"}
@@ -130,13 +128,9 @@ def _existing_lora(model: ir.Model, branches: list[Branch]) -> tuple[dict[ir.Val
         joined.setdefault(b.joins, f"branch {b.node.name or b.node.op_type}")
     records = model.metadata_props.get(METADATA_KEY)
     paths: set[str] = set()
-    if records:
-        try:
-            for record in json.loads(records):
-                paths.add(record["path"])
-                paths.update(part["path"] for part in record.get("parts", []))
-        except (ValueError, TypeError, KeyError) as exc:
-            raise ModelError(f"model metadata {METADATA_KEY!r} is not a list of slot records ({exc})") from exc
+    for slot in read_records(records, model.graph.meta.get(SOURCE, "model")) if records else []:
+        paths.add(slot.path)
+        paths.update(part["path"] for part in slot.record.get("parts", []))
     return joined, paths
 
 

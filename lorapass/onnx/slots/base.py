@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import json
+import os
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, ClassVar, Protocol
 
 import numpy as np
 
-from lorapass.errors import ShapeMismatchError
+from lorapass.errors import ModelError, ShapeMismatchError
 from lorapass.kinds import Kind
 
 if TYPE_CHECKING:
@@ -148,6 +150,24 @@ def from_record(record: dict) -> Slot:
     if kind not in _TYPES:
         raise KeyError(kind)
     return _TYPES[kind](record)
+
+
+def read_records(text: str, source: str | os.PathLike) -> list[Slot]:
+    """The slots a ``lorapass.lora`` metadata value describes, each with its inputs readable; ModelError naming
+    ``source`` if the value is not valid JSON or not a list of slot records."""
+    try:
+        records = json.loads(text)
+    except (ValueError, RecursionError) as exc:
+        raise ModelError(f"{source}: metadata {METADATA_KEY!r} is not valid JSON ({exc})") from None
+    try:
+        if not isinstance(records, list):
+            raise TypeError("not a list")
+        slots = [from_record(rec) for rec in records]
+        for slot in slots:
+            slot.inputs()
+    except (TypeError, KeyError, AttributeError) as exc:
+        raise ModelError(f"{source}: metadata {METADATA_KEY!r} must be a JSON list of slot records ({exc!r})") from None
+    return slots
 
 
 def _check_record(record: dict, where: str) -> None:
