@@ -74,7 +74,8 @@ def _cmd_rewrite(args: argparse.Namespace) -> int:
     from lorapass.onnx.rewrite import rewrite
 
     rules = shorthand.rule(args, "slots", "multi" if args.slots else "dynamic", use_dora=args.dora) or args.rules
-    result = rewrite(args.model, args.output, adapter=args.adapter, rules=rules, strategy=args.strategy,
+    strategy = args.strategy or ("multi" if args.slots is not None else None)  # --slots means banks
+    result = rewrite(args.model, args.output, adapter=args.adapter, rules=rules, strategy=strategy,
                      prefix=args.prefix, allow_pickle=args.allow_pickle, force=args.force, aliases=aliases(args),
                      slots=args.slots, **_binding(args))
     _report_keys(result.applied)

@@ -318,3 +318,16 @@ def test_session_refuses_what_onnx_runtime_would_fail_on_later(tiny, dynamic, ca
     for value, message in ((DEEP, "is not valid JSON"), (json.dumps([{"slot": "bank"}]), "has no 'ids'")):
         with pytest.raises(ModelError, match=message):
             Session(_with_metadata(multi, "lorapass.lora", value))
+
+
+def test_slots_mean_banks(tiny, capsys):
+    """Before: ``--slots`` with a rules file fell back to the rules' merge ("needs an adapter's weights"), and
+    ``--dora`` was silently dropped from banks that cannot carry it."""
+    rules = tiny.root / "rules.yaml"
+    rules.write_text("target_modules: [k]\nr: 2\n")
+    out = tiny.out / "o.onnx"
+    fails(capsys, tiny, ["rewrite", tiny.model, "--slots", "2", "--target", "k", "--dora", "-o", out], 2, "--dora",
+          "multi banks hold additive LoRA only")
+    assert cli(capsys, ["rewrite", tiny.model, "--slots", "2", "--rules", rules, "-o", out])[0] == 0
+    graph = onnx.load(out, load_external_data=False).graph
+    assert {"lora_ids", "k.lora_A_bank"} <= {i.name for i in graph.input} and "q.lora_A_bank" not in str(graph.input)

@@ -136,6 +136,9 @@ def rewrite(model: str | os.PathLike, output: str | os.PathLike, adapter=None,
         raise RuleError("strategy merge needs an adapter's weights (--adapter)")
     if slots is not None and strategy != "multi":
         raise RuleError("slots are for strategy multi")
+    if strategy == "multi" and not adapters and any(r.use_dora for rs in rule_sets for r in getattr(rs, "rules", [rs])):
+        raise UnsupportedError("use_dora (--dora): multi banks hold additive LoRA only, so they cannot be DoRA-ready; "
+                               "use strategy dynamic")
     names = bank_names(adapters, slots) if strategy == "multi" else []
     chosen = [plan(report.sites, r, report.output_heads, a) for a, r in zip(adapters or [None], rule_sets)]
     targets = [t for ts in chosen for t in ts]
