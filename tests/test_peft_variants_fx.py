@@ -83,8 +83,8 @@ def test_fx_merge_applies_replacements_dynamic_refuses_them(llama, tmp_path, fam
 
 
 def test_fx_bias_all_names_the_norm_biases_it_has_no_site_for(llama, tmp_path):
-    """PEFT's bias="all" also trains LayerNorm biases: no site holds them (in the ONNX pass neither), so the
-    adapter is refused naming them rather than merged without them."""
+    """PEFT's bias="all" also trains LayerNorm biases: no fx site holds them (the ONNX pass has norm sites), so
+    the adapter is refused naming them rather than merged without them."""
     model, program = _traced("opt", llama)
     make_variant(model, tmp_path / "ad", seed=5, r=4, lora_alpha=8, target_modules=["v_proj"], bias="all")
     with pytest.raises(AdapterError, match=r"self_attn_layer_norm\.bias: module .* matches no site"):
