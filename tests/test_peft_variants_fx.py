@@ -13,7 +13,7 @@ from builders import Wrapper, build, eager, example_ids, rel_err
 from variants import make_variant
 
 from lorapass import fx
-from lorapass.errors import AdapterError, UnsupportedError
+from lorapass.errors import UnsupportedError
 from lorapass.fx.trace import trace
 from lorapass.onnx.slots import METADATA_KEY
 
@@ -68,7 +68,9 @@ def _traced(family: str, llama):
     ("llama", dict(target_modules=["q_proj"], trainable_token_indices=[3, 5, 7])),
     ("gpt2", dict(target_modules=["c_attn"], trainable_token_indices=[2, 9])),  # the head is tied to the rows
     ("opt", dict(target_modules=["q_proj", "fc1"], bias="lora_only")),
-], ids=["modules-to-save-head", "tokens", "tokens-tied-head", "bias-lora-only"])
+    ("opt", dict(target_modules=["v_proj"], bias="all")),  # LayerNorm biases too: norm sites
+    ("opt", dict(target_modules=["q_proj"], modules_to_save=["final_layer_norm"])),
+], ids=["modules-to-save-head", "tokens", "tokens-tied-head", "bias-lora-only", "bias-all", "modules-to-save-norm"])
 def test_fx_merge_applies_replacements_dynamic_refuses_them(llama, tmp_path, family, config):
     """Replaced modules, biases and token rows: merge equals PEFT's eager output; dynamic (whose adapter tensors
     are swappable buffers) refuses them by key, as it cannot swap a replacement."""
@@ -78,17 +80,8 @@ def test_fx_merge_applies_replacements_dynamic_refuses_them(llama, tmp_path, fam
     expected = eager(peft_model, ids)
     assert rel_err(eager(model, ids), expected) > 1e-3
     assert rel_err(run(fx.apply(program, tmp_path / "ad", "merge").program, ids), expected) <= TOL
-    with pytest.raises(UnsupportedError, match=r"(replaced module|trainable tokens|bias).*fx frontend's dynamic"):
+    with pytest.raises(UnsupportedError, match=r"(replaced module|trainable tokens|lora).*fx frontend's dynamic"):
         fx.apply(program, tmp_path / "ad", "dynamic")
-
-
-def test_fx_bias_all_names_the_norm_biases_it_has_no_site_for(llama, tmp_path):
-    """PEFT's bias="all" also trains LayerNorm biases: no fx site holds them (the ONNX pass has norm sites), so
-    the adapter is refused naming them rather than merged without them."""
-    model, program = _traced("opt", llama)
-    make_variant(model, tmp_path / "ad", seed=5, r=4, lora_alpha=8, target_modules=["v_proj"], bias="all")
-    with pytest.raises(AdapterError, match=r"self_attn_layer_norm\.bias: module .* matches no site"):
-        fx.apply(program, tmp_path / "ad", "merge")
 
 
 @pytest.mark.parametrize("family, targets", [("llama", ["v_proj", "down_proj"]), ("opt", ["q_proj", "fc1"])],
