@@ -114,8 +114,9 @@ def _merge_bias(program: Program, report: SiteReport, target: Target, node: Node
         raise UnsupportedError(f"{module.source}: {key} needs a bias at site {site.path!r} ({node.target}), "
                                "which has none to add it to; apply it to the ONNX export (lorapass rewrite)")
     weight = program.tensor(site.weight)
+    new = delta if replaced is None else torch.from_numpy(np.ascontiguousarray(replaced, np.float32)) + delta
     fresh = program.add(_unique(program, f"{full_path(report, site.path)}.bias"),
-                        delta.to(device=weight.device, dtype=weight.dtype), parameter=True)
+                        new.to(device=weight.device, dtype=weight.dtype), parameter=True)
     node.args = (*node.args, fresh)
     return 1
 
