@@ -9,7 +9,7 @@ Layout = Literal["in_out", "out_in"]
 """How a linear weight is stored: ``in_out`` is [in, out] (y = x @ W: MatMul, Gemm transB=0, GPT-2 Conv1D);
 ``out_in`` is [out, in] (y = x @ W.T: Gemm transB=1, torch.nn.Linear's own layout)."""
 
-SiteKind = Literal["linear", "packed", "conv", "embedding"]
+SiteKind = Literal["linear", "packed", "conv", "embedding", "norm"]
 """``packed``: a row block of a linear whose one weight holds several modules (the genai builder's q/k/v)."""
 
 

@@ -188,8 +188,8 @@ def _set_bias(proto: onnx.ModelProto, tensors: dict, node: onnx.NodeProto, site,
     graph.initializer.append(numpy_helper.from_array(bias.astype(dtype), name))
     tensors[name] = graph.initializer[-1]
     if site.bias is not None:
-        reader = node if node.op_type == "Gemm" else next(n for n in graph.node if node.output[0] in n.input
-                                                          and site.bias in n.input)
+        reader = node if site.bias in node.input else next(n for n in graph.node if node.output[0] in n.input
+                                                           and site.bias in n.input)  # a Gemm's C, a norm's B
         reader.input[list(reader.input).index(site.bias)] = name
         return
     if node.op_type == "Gemm":

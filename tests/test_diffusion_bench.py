@@ -21,3 +21,6 @@ def test_diffusion_bench_small_json():
     assert report["merge_over_copy"] > 0 and report["dynamic_over_base_step"] > 0
     assert all(t > 0 for t in report["merge_wall_s"] + report["step_s"]["base"] + report["step_s"]["dynamic"])
     assert report["merge_over_copy_target"] == 1.5 and report["dynamic_over_base_step_target"] == 1.15
+    floors = report["merge_floors"]
+    assert floors["setup_s_median"] > 0 and floors["fold_thread_s_median"] > 0
+    assert floors["setup_s_median"] + floors["fold_thread_s_median"] < max(report["merge_wall_s"]) * 3

@@ -80,6 +80,13 @@ CASES = {  # name -> (model, LoraConfig keywords of the case, keywords of its ho
                        dict(r=2, lora_alpha=8, target_modules=["embed_tokens", "down_proj"], use_dora=True)),
     "lora-bias-no-base-bias": ("llama", dict(r=4, lora_alpha=8, target_modules=["q_proj", "down_proj"], lora_bias=True),
                                dict(r=2, lora_alpha=8, target_modules=["q_proj", "down_proj"], lora_bias=True)),
+    "bias-all-norms": ("opt", dict(r=4, lora_alpha=8, target_modules=["v_proj"], bias="all"),  # LayerNorm biases too
+                       dict(r=2, lora_alpha=8, target_modules=["v_proj"], bias="all")),
+    "bias-all-norms-torchscript": ("bert-ts", dict(r=4, lora_alpha=8, target_modules=["query"], bias="all"),
+                                   dict(r=2, lora_alpha=8, target_modules=["query"], bias="all")),
+    "modules-to-save-norm": ("opt", dict(r=4, lora_alpha=8, target_modules=["q_proj"],
+                                         modules_to_save=["final_layer_norm"]),
+                             dict(r=2, lora_alpha=8, target_modules=["q_proj"], modules_to_save=["final_layer_norm"])),
     "modules-to-save-lm-head": ("llama", dict(r=4, lora_alpha=8, target_modules=["v_proj"], modules_to_save=["lm_head"]),
                                 dict(r=2, lora_alpha=8, target_modules=["v_proj"], modules_to_save=["lm_head"])),
     "seq-cls-score": ("seqcls", dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], task_type="SEQ_CLS"),

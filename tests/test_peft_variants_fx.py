@@ -1,5 +1,6 @@
 """The fx frontend on PEFT's DoRA and embedding LoRA: merge edits the program's state, dynamic inserts nodes, both
-equal PEFT's unmerged eager output; kinds the fx pass does not apply are refused by name."""
+equal PEFT's unmerged eager output; merge also applies replaced modules, biases and token rows, which dynamic
+refuses by name."""
 
 from __future__ import annotations
 
@@ -53,12 +54,34 @@ def test_fx_merge_and_dynamic_match_peft(llama, tmp_path, config):
     assert all(("dora_factor" in r) == bool(config.get("use_dora")) for r in records)
 
 
-def test_fx_refuses_kinds_it_does_not_apply(llama, tmp_path):
-    model, program = llama
-    make_variant(model, tmp_path / "ad", seed=5, r=4, lora_alpha=8, target_modules=["q_proj"], modules_to_save=["lm_head"])
-    for strategy in ("merge", "dynamic"):
-        with pytest.raises(UnsupportedError, match=r"lm_head\.weight.*replaced module.*fx frontend"):
-            fx.apply(program, tmp_path / "ad", strategy)
+def _traced(family: str, llama):
+    if family == "llama":
+        return llama
+    model = build(family)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return model, trace(Wrapper(model), (example_ids(),))
+
+
+@pytest.mark.parametrize("family, config", [
+    ("llama", dict(target_modules=["v_proj"], modules_to_save=["lm_head"])),
+    ("llama", dict(target_modules=["q_proj"], trainable_token_indices=[3, 5, 7])),
+    ("gpt2", dict(target_modules=["c_attn"], trainable_token_indices=[2, 9])),  # the head is tied to the rows
+    ("opt", dict(target_modules=["q_proj", "fc1"], bias="lora_only")),
+    ("opt", dict(target_modules=["v_proj"], bias="all")),  # LayerNorm biases too: norm sites
+    ("opt", dict(target_modules=["q_proj"], modules_to_save=["final_layer_norm"])),
+], ids=["modules-to-save-head", "tokens", "tokens-tied-head", "bias-lora-only", "bias-all", "modules-to-save-norm"])
+def test_fx_merge_applies_replacements_dynamic_refuses_them(llama, tmp_path, family, config):
+    """Replaced modules, biases and token rows: merge equals PEFT's eager output; dynamic (whose adapter tensors
+    are swappable buffers) refuses them by key, as it cannot swap a replacement."""
+    model, program = _traced(family, llama)
+    peft_model = make_variant(model, tmp_path / "ad", seed=5, r=4, lora_alpha=8, **config)
+    ids = example_ids(batch=2, seq=9, seed=3)
+    expected = eager(peft_model, ids)
+    assert rel_err(eager(model, ids), expected) > 1e-3
+    assert rel_err(run(fx.apply(program, tmp_path / "ad", "merge").program, ids), expected) <= TOL
+    with pytest.raises(UnsupportedError, match=r"(replaced module|trainable tokens|lora).*fx frontend's dynamic"):
+        fx.apply(program, tmp_path / "ad", "dynamic")
 
 
 @pytest.mark.parametrize("family, targets", [("llama", ["v_proj", "down_proj"]), ("opt", ["q_proj", "fc1"])],
@@ -66,13 +89,7 @@ def test_fx_refuses_kinds_it_does_not_apply(llama, tmp_path):
 def test_fx_lora_bias_merge_and_dynamic_match_peft(llama, tmp_path, family, targets):
     """Llama's linears have no bias (merge gives them one: PEFT's merge refuses, its unmerged output is the
     reference); OPT's have one (merge adds to it)."""
-    if family == "llama":
-        model, program = llama
-    else:
-        model = build(family)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            program = trace(Wrapper(model), (example_ids(),))
+    model, program = _traced(family, llama)
     peft_model = make_variant(model, tmp_path / "ad", seed=6, r=4, lora_alpha=8, target_modules=targets, lora_bias=True)
     ids = example_ids(batch=2, seq=9, seed=3)
     expected = eager(peft_model, ids)

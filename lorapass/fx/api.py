@@ -78,14 +78,16 @@ def apply(model: torch.nn.Module | ExportedProgram | GraphModule, rules_or_adapt
 
 
 def _refuse_unsupported(targets: list[Target], strategy: str) -> None:
-    """The fx pass applies low-rank kinds (LoRA with or without a LoRA bias, DoRA, embedding LoRA): refuse the
-    others by key and kind (the ONNX pass applies them)."""
+    """The fx pass applies low-rank kinds (LoRA with or without a LoRA bias, DoRA, embedding LoRA) in both
+    strategies, and what replaces tensors (replaced modules and biases, trainable tokens) in merge: refuse the
+    rest by key and kind (the ONNX pass applies them)."""
+    allowed = {"low_rank", "weight", "bias", "tokens"} if strategy == "merge" else {"low_rank"}
     for target in targets:
         module = target.module
         if module is None:
             continue
         parts = module.parts(target.site)
-        if parts - {"low_rank"}:
+        if parts - allowed:
             raise UnsupportedError(f"{module.source}: {module.key()} ({module.name}, changes {sorted(parts)}) is not "
                                    f"supported by the fx frontend's {strategy}; apply it to the ONNX export "
                                    "(lorapass rewrite)")

@@ -1,14 +1,15 @@
 """Strategy ``merge`` on an fx graph: each targeted parameter becomes its kind's merged weight (W + scale·B·A, DoRA,
-embedding LoRA), in its own layout and dtype, and a LoRA bias (PEFT's ``lora_bias``) is added, times the scale, to
-the site's bias. Kinds that replace tensors (replaced modules, trainable tokens) are refused by name: the ONNX pass
-applies them.
+embedding LoRA, trainable token rows), in its own layout and dtype, from the adapter's replacement of it where it
+has one (``modules_to_save``, a saved embedding); a site's bias becomes its replacement (``bias="all"`` /
+``"lora_only"``) plus, times the scale, a LoRA bias (PEFT's ``lora_bias``).
 
 The graph keeps its shape; only state changes. A weight read only by its own site is replaced under its own
 name (a new tensor: the traced model's parameters are never written). One that other nodes also read (a
 weight shared between modules, or with non-site readers) is copied: the site gets a new parameter
 ``<path>.weight`` (made unique) and the others keep the original. A site without a bias gets one, a new
-parameter ``<path>.bias``, when it is an ``aten.linear`` (PEFT's own merge refuses that case; its unmerged
-output is the reference); other bias-less forms, and a bias other nodes also read, are refused by name.
+parameter ``<path>.bias``, when it is an ``aten.linear`` with a LoRA bias (PEFT's own merge refuses that case;
+its unmerged output is the reference); other bias-less forms, and a bias other nodes also read, are refused by
+name.
 """
 
 from __future__ import annotations
@@ -26,10 +27,17 @@ from lorapass.onnx.sites import SiteReport
 from lorapass.plan import Target
 
 
+_WEIGHT_PARTS = frozenset({"low_rank", "weight", "tokens"})
+
+
 def merged(weight: torch.Tensor, target: Target) -> torch.Tensor:
-    """The target's merged weight in ``weight``'s own layout and dtype: its kind computes W' from W in float32,
-    torch's layout (W + s·B·A, DoRA's rescale, an embedding table's s·(B·A)ᵀ)."""
-    new = torch.from_numpy(np.ascontiguousarray(target.module.merged(target.site.storage.read())))
+    """The target's merged weight in ``weight``'s own layout and dtype: its kind computes W' in float32, torch's
+    layout, from W or the adapter's replacement of W (W + s·B·A, DoRA's rescale, an embedding table's s·(B·A)ᵀ,
+    token rows)."""
+    site, module = target.site, target.module
+    base = module.replacement(site, "weight")
+    w = site.storage.read() if base is None else base.reshape(site.storage.shape).astype(np.float32)
+    new = torch.from_numpy(np.ascontiguousarray(module.merged(w)))
     new = new if target.site.layout == "out_in" else new.T
     return new.to(device=weight.device, dtype=weight.dtype).contiguous()
 
@@ -58,7 +66,8 @@ def merge(program: Program, report: SiteReport, targets: list[Target]) -> int:
     nodes = {n.name: n for n in program.graph.nodes}
     by_weight: dict[str, list[Target]] = defaultdict(list)
     for target in targets:
-        by_weight[target.site.weight].append(target)
+        if target.module.parts(target.site) & _WEIGHT_PARTS:
+            by_weight[target.site.weight].append(target)
     holders_of = _holders(program)
     changed = 0
     for weight, group in by_weight.items():
@@ -85,26 +94,29 @@ def merge(program: Program, report: SiteReport, targets: list[Target]) -> int:
 
 def _merge_bias(program: Program, report: SiteReport, target: Target, node: Node,
                 holders_of: dict[str, list[Node]]) -> int:
-    """Add the target's scaled LoRA bias to its site's bias (made if the site is a bias-less linear); returns 1 if
-    it did, 0 when the module has no LoRA bias."""
-    bias = target.module.lora_bias()
-    if bias is None:
+    """Give the target's site its new bias: the adapter's replacement of it (else its own) plus the scaled LoRA
+    bias (made if the site is a bias-less linear); returns 1 if it did, 0 when the module changes no bias."""
+    module, site = target.module, target.site
+    replaced, bias = module.replacement(site, "bias"), module.lora_bias()
+    if replaced is None and bias is None:
         return 0
-    site, key = target.site, target.module.key("lora_bias")
-    delta = torch.from_numpy(np.ascontiguousarray(bias, np.float32))
+    key = module.key("lora_bias" if bias is not None else "bias")
+    delta = torch.from_numpy(np.ascontiguousarray(0 if bias is None else bias, np.float32))
     if site.bias is not None:
         if not _readers(program, holders_of.get(site.bias, [])) <= {node}:
-            raise UnsupportedError(f"{target.module.source}: {key} adds to the bias {site.bias!r} of site "
+            raise UnsupportedError(f"{module.source}: {key} changes the bias {site.bias!r} of site "
                                    f"{site.path!r}, which other nodes also read; apply it to the ONNX export")
         old = program.tensor(site.bias)
-        program.replace(site.bias, (old.float() + delta.to(old.device)).to(old.dtype))
+        start = old.float() if replaced is None else torch.from_numpy(np.ascontiguousarray(replaced, np.float32))
+        program.replace(site.bias, (start.reshape(old.shape).to(old.device) + delta.to(old.device)).to(old.dtype))
         return 1
     if node.op != "call_function" or node.target != aten.linear.default or len(node.args) != 2:
-        raise UnsupportedError(f"{target.module.source}: {key} needs a bias at site {site.path!r} ({node.target}), "
+        raise UnsupportedError(f"{module.source}: {key} needs a bias at site {site.path!r} ({node.target}), "
                                "which has none to add it to; apply it to the ONNX export (lorapass rewrite)")
     weight = program.tensor(site.weight)
+    new = delta if replaced is None else torch.from_numpy(np.ascontiguousarray(replaced, np.float32)) + delta
     fresh = program.add(_unique(program, f"{full_path(report, site.path)}.bias"),
-                        delta.to(device=weight.device, dtype=weight.dtype), parameter=True)
+                        new.to(device=weight.device, dtype=weight.dtype), parameter=True)
     node.args = (*node.args, fresh)
     return 1
 

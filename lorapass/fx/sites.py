@@ -172,6 +172,8 @@ class _Found:
     @property
     def layer_class(self) -> bool | None:
         """Whether the module is one PEFT adapts as this kind of site (None: the class cannot be resolved)."""
+        if self.kind == "norm":  # only replaced by name (modules_to_save, bias="all"), whatever its class
+            return True
         if self.kind == "embedding":
             klass = _class(self.cls)
             return None if klass is None else issubclass(klass, torch.nn.Embedding)
@@ -199,11 +201,27 @@ def _as_embedding(program: Program, node: Node, stacks: bool) -> _Found | None:
                   "embedding")
 
 
+def _as_norm(program: Program, node: Node, stacks: bool) -> _Found | None:
+    """``aten.layer_norm(x, shape, weight, bias, ...)`` of a 1-D weight parameter: a norm site (see
+    :mod:`lorapass.onnx.patterns.norm`)."""
+    args = list(node.args) + [None] * 4
+    x, target = args[0], program.target(args[2])
+    if target is None or program.tensor(target).dim() != 1 or not isinstance(x, Node):
+        return None
+    bias = program.target(args[3]) if args[3] is not None else None
+    if args[3] is not None and bias is None:  # a computed bias
+        return None
+    path, source, cls = _module_path(node, stacks, target)
+    return _Found(node, x, target, "out_in", bias, path, source, cls, "aten.layer_norm", program.tensor(target), "norm")
+
+
 def _as_linear(program: Program, node: Node, stacks: bool) -> _Found | None:
     if node.op == "call_module":
         return _as_module(program, node)
     if node.op == "call_function" and node.target == aten.embedding.default:
         return _as_embedding(program, node, stacks)
+    if node.op == "call_function" and node.target == aten.layer_norm.default:
+        return _as_norm(program, node, stacks)
     if node.op != "call_function" or node.target not in LINEAR_OPS or node.kwargs.get("out") is not None:
         return None
     op = LINEAR_OPS[node.target]
@@ -272,17 +290,19 @@ def _is_output_head(node: Node) -> bool:
 
 
 def find_sites(program: Program, prefix: str | None = None, wanted: Collection[str] = ()) -> SiteReport:
-    """Every linear site of ``program``'s graph, named by module path relative to the model PEFT sees.
+    """Every linear and embedding site of ``program``'s graph (and the norms ``wanted`` names), named by module path
+    relative to the model PEFT sees.
 
     ``prefix`` is the wrapper path to strip (``m`` for a module holding the model as ``self.m``); when None
     it is the outermost transformers model recorded in ``nn_module_stack``, else the prefix that makes the
     most ``wanted`` paths (an adapter's module names) exist, else nothing.
     """
     stacks = any(n.meta.get("nn_module_stack") for n in program.graph.nodes)
+    nodes = {n.name: n for n in program.graph.nodes}
     found = [f for node in program.graph.nodes if (f := _as_linear(program, node, stacks)) is not None]
     named = [f for f in found if f.path and f.layer_class is not False]
     unresolved = [f.node.name if not f.path else f"{f.node.name} (in {f.path}, a {_class_name(f.cls)}: not a LoRA layer)"
-                  for f in found if f not in named]
+                  for f in found if f not in named and f.kind != "norm"]
     roots = _root_scope(named)
     if prefix is not None:
         chosen, how = prefix, "given"
@@ -294,14 +314,16 @@ def find_sites(program: Program, prefix: str | None = None, wanted: Collection[s
         chosen, how = "", "none"
     sites = []
     for f in named:
-        rows, cols = f.tensor.shape
+        if f.kind == "norm" and strip_prefix(f.path, chosen) not in wanted:  # norms: where an adapter replaces one
+            continue
+        rows, cols = (*f.tensor.shape, *f.tensor.shape)[:2]  # a norm's [dim] is both
         in_f, out_f = (cols, rows) if f.layout == "out_in" and f.kind == "linear" else (rows, cols)
         sites.append(Site(path=strip_prefix(f.path, chosen), op=f.op, node=f.node.name, weight=f.weight, layout=f.layout,
                           in_features=int(in_f), out_features=int(out_f), dtype=dtype_name(f.tensor.dtype),
                           output=f.node.name, input=f.x.name, bias=f.bias, source=f.source,
                           module_class=_class_name(f.cls) if f.cls is not None else None, kind=f.kind,
                           storage=WeightView(f.tensor, f.layout)))
-    heads = sorted({s.path for s, f in zip(sites, named) if _is_output_head(f.node)})
+    heads = sorted({s.path for s in sites if s.kind != "norm" and _is_output_head(nodes[s.node])})
     return SiteReport(sites, unresolved, prefix=chosen, prefix_source=how if chosen else "none", output_heads=heads)
 
 

@@ -123,6 +123,10 @@ class Kind(ABC):
     def merge_delta(self, site: Site) -> None:
         """Record the kind's own delta (none for a pure replacement)."""
 
+    def lora_bias(self) -> np.ndarray | None:
+        """The branch's bias times the scale [out] (PEFT's ``lora_bias``), or None."""
+        return None
+
     def merged(self, w: np.ndarray) -> np.ndarray:
         """The merged float32 weight (torch layout) from the base ``w``, for frontends that edit weights directly."""
         return w

@@ -60,7 +60,6 @@ class Lora(Kind):
         return b.reshape(b.shape[0], -1) * np.float32(self.scale), a.reshape(a.shape[0], -1)
 
     def lora_bias(self) -> np.ndarray | None:
-        """The branch's bias times the scale [out], or None."""
         return None if self.bias is None else self.bias.read() * np.float32(self.scale)
 
     def merge_delta(self, site: Site) -> None:

@@ -17,7 +17,7 @@ class Replace(Kind):
     """A module whose weight and/or bias the adapter replaces whole (nothing low-rank)."""
 
     name = "replaced module"
-    site_kinds = ("linear", "embedding")
+    site_kinds = ("linear", "embedding", "norm")
     targeted = False
 
     def __init__(self, path: str, source: Path, replaced: dict[str, TensorRef],

@@ -26,7 +26,8 @@ from lorapass.plan import Target
 from lorapass.site import Site
 
 SLOT_TYPES: dict[str, list[type[Slot]]] = {"linear": [LinearSlot, ReplaceSlot, TokensSlot], "packed": [PackedSlot],
-                                           "embedding": [EmbeddingSlot, ReplaceSlot, TokensSlot], "conv": [ConvSlot]}
+                                           "embedding": [EmbeddingSlot, ReplaceSlot, TokensSlot], "conv": [ConvSlot],
+                                           "norm": [ReplaceSlot]}
 """Site kind -> the slot types a dynamic rewrite may give it, in the order they join; targets get each one that
 ``wants`` one of them (a LoRA-ready target, without an adapter module, wants the first)."""
 

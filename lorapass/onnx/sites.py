@@ -143,7 +143,8 @@ def find_sites(model: ir.Model, prefix: str | None = None, wanted: Collection[st
     ``wanted`` paths (e.g. an adapter's module names, as ``spell`` writes site paths; a path -> kind mapping also
     gives packed row counts) exist. The exporter's dialect (:mod:`lorapass.onnx.dialects`) maps its names to PEFT's;
     ``aliases`` (graph components -> PEFT's) go on top. Packed nodes become row-block sites, split modules one site
-    (:mod:`lorapass.onnx.packing`); nodes of LoRA branches already in the graph are never sites.
+    (:mod:`lorapass.onnx.packing`); nodes of LoRA branches already in the graph are never sites. Norm layers are
+    sites only where ``wanted`` names them (an adapter that replaces them: nothing else applies to a norm).
     """
     matches, unsupported, branches = _matches(model)
     _share_stores(matches)
@@ -157,7 +158,8 @@ def find_sites(model: ir.Model, prefix: str | None = None, wanted: Collection[st
             if path:
                 break
         if not path:
-            unresolved.append(m.node.name or f"<unnamed {m.node.op_type}>")
+            if m.kind != "norm":  # an unnamed norm is no layer anyone adapts
+                unresolved.append(m.node.name or f"<unnamed {m.node.op_type}>")
         elif source == "node_name":
             from_nodes.append((m, dialect.module_path(path)))
         else:
@@ -208,7 +210,8 @@ def find_sites(model: ir.Model, prefix: str | None = None, wanted: Collection[st
                 bias_storage=m.bias_storage,
             )
         )
-    heads = sorted({s.path for s, (m, _, _) in zip(sites, named) if _is_output_head(m.output)})
+    heads = sorted({s.path for s, (m, _, _) in zip(sites, named) if m.kind != "norm" and _is_output_head(m.output)})
+    sites = [s for s in sites if s.kind != "norm" or s.path in wanted]  # norms: only where an adapter replaces one
     sites, kept_whole = packing.expand(sites, dialect, wanted)
     sites = [replace(s, lora="lorapass slot") if s.path in slot_paths else s for s in sites]
     return SiteReport(sites, unresolved, unsupported + kept_whole, chosen, prefix_source if chosen else "none", heads,

@@ -87,9 +87,9 @@ def weight_constant(value: ir.Value | None, rank: int = 2) -> ir.Value | None:
 
 
 def _patterns() -> list[Pattern]:
-    from lorapass.onnx.patterns import conv, embedding, integer, linear, lora, nbits, qdq
+    from lorapass.onnx.patterns import conv, embedding, integer, linear, lora, nbits, norm, qdq
 
-    return [lora.match, linear.match, conv.match, nbits.match, qdq.match, integer.match, embedding.match]
+    return [lora.match, linear.match, conv.match, nbits.match, qdq.match, integer.match, embedding.match, norm.match]
 
 
 PATTERNS: list[Pattern] = _patterns()
