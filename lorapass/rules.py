@@ -286,6 +286,9 @@ class LoraRule(BaseModel):
             found = next((m for p in patterns if (m := re.match(_layer_regex(p), path))), None)
         if found is None:
             return False
+        if found.group("idx") is None:  # PEFT's int(match.group(1)) fails the same way
+            raise RuleError(f"rule {self.name!r}: layers_pattern {self.layers_pattern!r} matches {path!r} without "
+                            "reaching the layer index (a '|' outside a group?)")
         index = int(found.group("idx"))
         layers = self.layers_to_transform
         return index == layers if isinstance(layers, int) else index in layers

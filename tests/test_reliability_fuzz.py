@@ -33,6 +33,7 @@ KNOWN = [  # the classes found by hand, always tried first
     {"target_modules": ["q_proj"], "alpha_pattern": {"q_proj": float("inf")}},
     {"target_modules": ["q_proj"], "r": 0},
     {"target_modules": ["q_proj"], "lora_alhpa": 16},
+    {"target_modules": ["q_proj", "v_proj"], "layers_pattern": ["q_proj|v_proj"], "layers_to_transform": 0},
 ]
 valid = st.fixed_dictionaries({"target_modules": targets}, optional={  # near-valid rules reach matching
     "r": st.integers(1, 8) | st.integers(-2, 70000), "lora_alpha": st.floats() | st.integers(), "use_rslora": st.booleans(),
