@@ -37,8 +37,8 @@ def load_model(path: str | os.PathLike) -> ir.Model:
         raise ModelError(f"{path}: not a readable ONNX model ({type(exc).__name__}: {exc})") from exc
     names = Counter(t.name for t in proto.graph.initializer)
     if twice := [name for name, count in names.items() if count > 1]:
-        raise ModelError(f"{path}: initializer {twice[0]!r} is defined {names[twice[0]]} times (which one a reader uses is "
-                         "undefined): not a valid ONNX graph")
+        raise ModelError(f"{path}: initializer {twice[0]!r} is defined {names[twice[0]]} times (which one a reader "
+                         "uses is undefined): not a valid ONNX graph")
     try:
         model = ir.serde.deserialize_model(proto)
     except Exception as exc:  # onnx_ir raises many types for a malformed graph
