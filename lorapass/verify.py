@@ -281,18 +281,28 @@ def _reference(base: Path, targets: list[Target], adapter: Adapter, folder: Path
                     w_out_in[r] = e(w_out_in[r])
             gather = node.op_type == "Gather"  # reads its table [rows, dim] as input 0
             reads_out_in = gather or any(att.name == "transB" and att.i == 1 for att in node.attribute)
-            merged = (w_out_in if reads_out_in else w_out_in.T).astype(w.dtype)
+            merged = (w_out_in if reads_out_in or w.ndim == 1 else w_out_in.T).astype(w.dtype)
             name, i = f"{weight}.reference", 1
             while name in tensors:
                 name, i = f"{weight}.reference_{i}", i + 1
             proto.graph.initializer.append(numpy_helper.from_array(merged, name))
             tensors[name] = proto.graph.initializer[-1]
-            node.input[0 if gather else 1] = name
+            node.input[_operand(node, weight, behind)] = name
     for name, w in quantized.items():
         _float_weight(proto, nodes[name], w, tensors)
     path = folder / "reference.onnx"
     onnx.save_model(proto, str(path), save_as_external_data=True, location="reference.onnx.data")
     return path
+
+
+def _operand(node: onnx.NodeProto, weight: str, behind: dict[str, str]) -> int:
+    """The index of the input through which ``node`` reads ``weight`` (directly or through Identity nodes)."""
+    for i, name in enumerate(node.input):
+        while name != weight and name in behind:
+            name = behind[name]
+        if name == weight:
+            return i
+    return 0 if node.op_type == "Gather" else 1
 
 
 def _producers(proto: onnx.ModelProto) -> dict[str, onnx.NodeProto]:

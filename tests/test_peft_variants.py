@@ -87,6 +87,8 @@ CASES = {  # name -> (model, LoraConfig keywords of the case, keywords of its ho
     "modules-to-save-norm": ("opt", dict(r=4, lora_alpha=8, target_modules=["q_proj"],
                                          modules_to_save=["final_layer_norm"]),
                              dict(r=2, lora_alpha=8, target_modules=["q_proj"], modules_to_save=["final_layer_norm"])),
+    "modules-to-save-rmsnorm": ("llama", dict(r=4, lora_alpha=8, target_modules=["q_proj"], modules_to_save=["norm"]),
+                                dict(r=2, lora_alpha=8, target_modules=["q_proj"], modules_to_save=["norm"])),
     "modules-to-save-lm-head": ("llama", dict(r=4, lora_alpha=8, target_modules=["v_proj"], modules_to_save=["lm_head"]),
                                 dict(r=2, lora_alpha=8, target_modules=["v_proj"], modules_to_save=["lm_head"])),
     "seq-cls-score": ("seqcls", dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], task_type="SEQ_CLS"),
@@ -203,7 +205,8 @@ def test_inspect_reports_replaced_modules_and_token_rows(model, tmp_path, capsys
 @pytest.mark.parametrize("edit,message", [
     (lambda c, t: c.update(peft_type="LOHA"), "peft_type='LOHA' is not supported"),
     (lambda c, t: c.update(trainable_token_indices=[3, VOCAB]), f"out of range: [{VOCAB}]"),
-    (lambda c, t: t.update({"base_model.model.model.norm.weight": torch.ones(32)}), "'model.norm' matches no site"),
+    (lambda c, t: t.update({"base_model.model.model.layers.0.mlp.act_fn.weight": torch.ones(32)}),
+     "'model.layers.0.mlp.act_fn' matches no site"),  # SiLU holds no weight (a norm's would be applied: PEFT loads it)
     (lambda c, t: t.update({"base_model.model.model.layers.0.self_attn.q_proj.hada_w1_a": torch.ones(32, 4)}),
      "hada_w1_a' is not a LoRA tensor"),
 ], ids=["loha", "token-out-of-range", "non-site-module", "loha-key"])
@@ -247,14 +250,16 @@ def test_analyser_costs_dora_factor_and_merge_norm():
 
 
 def test_multi_refuses_kinds_its_banks_cannot_carry(model, tmp_path, capsys):
-    """Mixed-adapter banks hold additive A/B pairs only; DoRA (as in PEFT's mixed batches) and LoRA biases are
-    refused by key."""
+    """Mixed-adapter banks hold additive A/B pairs only; DoRA (PEFT refuses it in mixed batches too) and LoRA
+    biases (PEFT runs them per sub-batch) are refused by key, each with its own reason."""
     torch_model, base = model("llama")
-    for name, extra in (("dora", {"use_dora": True}), ("bias", {"lora_bias": True})):
+    for name, extra, why in (("dora", {"use_dora": True}, "PEFT refuses DoRA in mixed batches too"),
+                             ("bias", {"lora_bias": True}, "PEFT runs this per sub-batch")):
         make_variant(torch_model, tmp_path / name, seed=4, r=4, lora_alpha=8, target_modules=["q_proj"], **extra)
         out = tmp_path / f"{name}.onnx"
         assert main(["rewrite", str(base), "--strategy", "multi", "--adapter", str(tmp_path / name), "-o", str(out)]) == 2
-        assert "not an additive low-rank delta" in capsys.readouterr().err and not out.exists()
+        err = capsys.readouterr().err
+        assert "not an additive low-rank delta" in err and why in err and "q_proj" in err and not out.exists()
 
 
 def test_a_weight_on_an_adapter_that_replaces_tensors_is_refused_by_module(model, tmp_path, capsys):

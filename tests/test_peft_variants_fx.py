@@ -70,7 +70,9 @@ def _traced(family: str, llama):
     ("opt", dict(target_modules=["q_proj", "fc1"], bias="lora_only")),
     ("opt", dict(target_modules=["v_proj"], bias="all")),  # LayerNorm biases too: norm sites
     ("opt", dict(target_modules=["q_proj"], modules_to_save=["final_layer_norm"])),
-], ids=["modules-to-save-head", "tokens", "tokens-tied-head", "bias-lora-only", "bias-all", "modules-to-save-norm"])
+    ("llama", dict(target_modules=["q_proj"], modules_to_save=["norm"])),  # every RMSNorm: a decomposed scale Mul
+], ids=["modules-to-save-head", "tokens", "tokens-tied-head", "bias-lora-only", "bias-all", "modules-to-save-norm",
+        "modules-to-save-rmsnorm"])
 def test_fx_merge_applies_replacements_dynamic_refuses_them(llama, tmp_path, family, config):
     """Replaced modules, biases and token rows: merge equals PEFT's eager output; dynamic (whose adapter tensors
     are swappable buffers) refuses them by key, as it cannot swap a replacement."""

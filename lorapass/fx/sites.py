@@ -215,9 +215,25 @@ def _as_norm(program: Program, node: Node, stacks: bool) -> _Found | None:
     return _Found(node, x, target, "out_in", bias, path, source, cls, "aten.layer_norm", program.tensor(target), "norm")
 
 
-def _as_linear(program: Program, node: Node, stacks: bool) -> _Found | None:
+def _as_scale(program: Program, node: Node, stacks: bool) -> _Found | None:
+    """``aten.mul(x, weight)`` (either order) of a computed value and a 1-D parameter: the scale that ends a
+    decomposed RMSNorm, a norm site (kept only where an adapter names it, like every norm site)."""
+    if len(node.args) != 2 or node.kwargs:
+        return None
+    targets = [program.target(a) for a in node.args]
+    params = [i for i, t in enumerate(targets) if t is not None and program.tensor(t).dim() == 1]
+    if len(params) != 1 or not isinstance(x := node.args[1 - params[0]], Node) or targets[1 - params[0]] is not None:
+        return None
+    target = targets[params[0]]
+    path, source, cls = _module_path(node, stacks, target)
+    return _Found(node, x, target, "out_in", None, path, source, cls, "aten.mul", program.tensor(target), "norm")
+
+
+def _as_site(program: Program, node: Node, stacks: bool) -> _Found | None:
     if node.op == "call_module":
         return _as_module(program, node)
+    if node.op == "call_function" and node.target == aten.mul.Tensor:
+        return _as_scale(program, node, stacks)
     if node.op == "call_function" and node.target == aten.embedding.default:
         return _as_embedding(program, node, stacks)
     if node.op == "call_function" and node.target == aten.layer_norm.default:
@@ -299,7 +315,7 @@ def find_sites(program: Program, prefix: str | None = None, wanted: Collection[s
     """
     stacks = any(n.meta.get("nn_module_stack") for n in program.graph.nodes)
     nodes = {n.name: n for n in program.graph.nodes}
-    found = [f for node in program.graph.nodes if (f := _as_linear(program, node, stacks)) is not None]
+    found = [f for node in program.graph.nodes if (f := _as_site(program, node, stacks)) is not None]
     named = [f for f in found if f.path and f.layer_class is not False]
     unresolved = [f.node.name if not f.path else f"{f.node.name} (in {f.path}, a {_class_name(f.cls)}: not a LoRA layer)"
                   for f in found if f not in named and f.kind != "norm"]

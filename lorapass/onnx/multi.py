@@ -106,9 +106,11 @@ def insert_banks(model: ir.Model, targets: Sequence[Sequence[Target]], names: Se
     refuse_existing(flat)
     for t in flat:
         if t.module is not None and not t.module.additive:
-            kind = type(t.module).__name__
-            raise UnsupportedError(f"{t.module.source}: {t.module.key()} ({kind} at {t.site.path!r}) is not an "
-                                   "additive low-rank delta; PEFT refuses it in mixed batches too")
+            why = ("PEFT refuses DoRA in mixed batches too" if "dora" in t.module.name else
+                   "strategy multi banks additive low-rank deltas only (PEFT runs this per sub-batch); use strategy "
+                   "dynamic with one adapter per run")
+            raise UnsupportedError(f"{t.module.source}: {t.module.key()} ({t.module.name} at {t.site.path!r}) is not "
+                                   f"an additive low-rank delta; {why}")
     convs = sorted({t.site.path for t in flat if t.site.kind == "conv"})
     if convs:
         raise UnsupportedError(f"strategy multi has no banks for convolutions ({len(convs)} targeted, e.g. "

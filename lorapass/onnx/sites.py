@@ -148,7 +148,7 @@ def find_sites(model: ir.Model, prefix: str | None = None, wanted: Collection[st
     """
     matches, unsupported, branches = _matches(model)
     _share_stores(matches)
-    dialect = detect(model, [(m.node, m.weight) for m in matches], aliases)
+    dialect = detect(model, [(m.node, m.weight) for m in matches if m.kind != "norm"], aliases)  # layers decide
     named: list[tuple[Match, str, str]] = []
     unresolved: list[str] = []
     from_nodes: list[tuple[Match, str]] = []

@@ -1,7 +1,9 @@
 """Normalisation layers: ``LayerNormalization(X, Scale[, B])`` and ``RMSNormalization(X, Scale)`` with constant 1-D
-parameters. Nothing low-rank applies to them (PEFT refuses LoRA on norms); they are sites so that what an adapter
+parameters, and the ``Mul`` by a constant 1-D parameter that ends an RMSNorm the exporter decomposed (Llama's at
+opset < 23). Nothing low-rank applies to them (PEFT refuses LoRA on norms); they are sites so that what an adapter
 replaces by name reaches them: a ``modules_to_save`` copy of a norm, and the norm biases PEFT's ``bias="all"``
-trains. The scale is the site's weight ([dim], torch's ``weight``), B its bias."""
+trains. The scale is the site's weight ([dim], torch's ``weight``), B its bias. Discovery keeps them only where an
+adapter names them, so the ``Mul`` form may be loose."""
 
 from __future__ import annotations
 
@@ -18,7 +20,25 @@ def _vector(value: ir.Value | None) -> ir.Value | None:
     return source if source is not None and len(source.const_value.shape) == 1 else None
 
 
+def _scaled(node: ir.Node) -> Match | None:
+    """``Mul(x, scale)`` (either order) of a computed value and a constant 1-D float parameter."""
+    if len(node.inputs) != 2:
+        return None
+    scales = [i for i, v in enumerate(node.inputs) if _vector(v) is not None]
+    if len(scales) != 1 or node.inputs[1 - scales[0]].const_value is not None:
+        return None
+    scale = _vector(node.inputs[scales[0]])
+    if not scale.const_value.dtype.is_floating_point():
+        return None
+    store = Plain(scale, "out_in")
+    dim = store.shape[0]
+    return Match(node, View(store, node), "norm", node.inputs[1 - scales[0]], node.outputs[0], None,
+                 node.inputs[scales[0]], dim, dim, store.dtype)
+
+
 def match(node: ir.Node) -> Match | None:
+    if node.op_type == "Mul" and standard(node):
+        return _scaled(node)
     if node.op_type not in _SCALED or not standard(node) or len(node.inputs) < 2:
         return None
     scale = _vector(node.inputs[1])
