@@ -124,12 +124,13 @@ def read(path: Path) -> Adapter:
         if config is not None:
             rule = LoraRule.from_peft_config(config)
             if rule.use_dora:
-                raise UnsupportedError(f"{path}: its {METADATA!r} sets use_dora{f' for {component}' if component else ''}: "
-                                       "lorapass does not implement DoRA in diffusers files")
+                which = f" for {component}" if component else ""
+                raise UnsupportedError(f"{path}: its {METADATA!r} sets use_dora{which}: lorapass does not implement "
+                                       "DoRA in diffusers files")
             stray = [] if rule.all_linear else [m for m in sorted(mine) if not rule.matches(m)]
             if stray:
-                raise AdapterError(f"{path}: module {stray[0]!r} has LoRA weights, but the file's {METADATA!r} does not "
-                                   f"target it (target_modules={rule.target_modules!r}"
+                raise AdapterError(f"{path}: module {stray[0]!r} has LoRA weights, but the file's {METADATA!r} "
+                                   f"does not target it (target_modules={rule.target_modules!r}"
                                    + (f", exclude_modules={rule.exclude_modules!r}" if rule.exclude_modules else "")
                                    + "), so diffusers would not load them")
         else:

@@ -107,10 +107,10 @@ def _kind(module: str, roles: dict[str, str], file: TensorFile, directory: Path,
     if stray or (pair[0] == "embedding_A" and "lora_bias" in ref):
         raise UnsupportedError(f"{weights}: module {module!r} mixes {sorted(lora)} ({list(roles.values())})")
     if rule.use_dora != ("magnitude" in ref):
-        raise AdapterError(f"{weights}: {CONFIG} sets use_dora={rule.use_dora}, but module {module!r} "
-                           + (f"has a DoRA magnitude {roles['magnitude']!r}, which PEFT would ignore" if "magnitude" in ref
-                              else "has no lora_magnitude_vector, which PEFT would start from the base weight's norms "
-                                   "instead of the trained values"))
+        has = (f"has a DoRA magnitude {roles['magnitude']!r}, which PEFT would ignore" if "magnitude" in ref
+               else "has no lora_magnitude_vector, which PEFT would start from the base weight's norms instead of "
+                    "the trained values")
+        raise AdapterError(f"{weights}: {CONFIG} sets use_dora={rule.use_dora}, but module {module!r} {has}")
     p = rule.params(module)
     args = (module, directory, ref[pair[0]], ref[pair[1]], p.r, p.alpha, p.scale)
     extra = {"bias": ref.get("lora_bias"), **full} if pair[0] == "lora_A" else full

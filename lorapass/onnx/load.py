@@ -18,10 +18,10 @@ def load_model(path: str | os.PathLike) -> ir.Model:
     """Load ``path`` with its weights left on disk; raise ModelError naming the file on any problem.
 
     Refused: a missing, empty or unparsable file; a file a killed lorapass commit left midway; a protobuf
-    without a graph or without an opset import; an initializer defined twice; a node input no node, graph input or initializer gives, or a
-    cycle; a tensor (initializer of any graph, or node attribute such as a Constant's value) without a dtype, whose
-    inline data does not hold its shape, or whose external data is not a file inside the model's folder or whose
-    range does not hold it.
+    without a graph or without an opset import; an initializer defined twice; a node input no node, graph input
+    or initializer gives, or a cycle; a tensor (initializer of any graph, or node attribute such as a Constant's
+    value) without a dtype, whose inline data does not hold its shape, or whose external data is not a file inside
+    the model's folder or whose range does not hold it.
     """
     path = Path(path)
     if not path.is_file():
@@ -87,7 +87,9 @@ def check_wiring(graph: ir.Graph, path: Path) -> None:
 
 def _label(node: ir.Node) -> str:
     """A node for messages: its name, else its first output's."""
-    return f"node {node.name!r} ({node.op_type})" if node.name else f"the {node.op_type} node giving {node.outputs[0].name!r}"
+    if node.name:
+        return f"node {node.name!r} ({node.op_type})"
+    return f"the {node.op_type} node giving {node.outputs[0].name!r}"
 
 
 def _tensors(model: ir.Model):

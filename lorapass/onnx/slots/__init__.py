@@ -10,8 +10,8 @@ dynamic graph's slots can be rebuilt from its metadata alone (:func:`from_record
 
 from __future__ import annotations
 
-from lorapass.onnx.slots.base import (METADATA_KEY, SITES_KEY, Branch, Slot, SlotInput, Weights, from_record, read_records,
-                                      register)
+from lorapass.onnx.slots.base import (METADATA_KEY, SITES_KEY, Branch, Slot, SlotInput, Weights, from_record,
+                                      read_records, register)
 from lorapass.onnx.slots.bank import BankSlot
 from lorapass.onnx.slots.conv import ConvSlot
 from lorapass.onnx.slots.linear import EmbeddingSlot, LinearSlot
