@@ -113,10 +113,9 @@ def _merge_bias(program: Program, report: SiteReport, target: Target, node: Node
     if node.op != "call_function" or node.target != aten.linear.default or len(node.args) != 2:
         raise UnsupportedError(f"{module.source}: {key} needs a bias at site {site.path!r} ({node.target}), "
                                "which has none to add it to; apply it to the ONNX export (lorapass rewrite)")
-    weight = program.tensor(site.weight)
-    new = delta if replaced is None else torch.from_numpy(np.ascontiguousarray(replaced, np.float32)) + delta
+    weight = program.tensor(site.weight)  # a replaced bias needs a biased site (Kind.check): only the LoRA bias here
     fresh = program.add(_unique(program, f"{full_path(report, site.path)}.bias"),
-                        new.to(device=weight.device, dtype=weight.dtype), parameter=True)
+                        delta.to(device=weight.device, dtype=weight.dtype), parameter=True)
     node.args = (*node.args, fresh)
     return 1
 
