@@ -59,7 +59,9 @@ def check_wiring(graph: ir.Graph, path: Path) -> None:
     """Every node input of ``graph`` has a source (a node, a graph input or an initializer, of this graph or an
     enclosing one) and its nodes form no cycle; ModelError naming the node and value otherwise."""
     own = set(graph)
+    seen: set[ir.Node] = set()
     waiting: dict[ir.Node, int] = {}
+    ordered = True  # nodes in topological order, as exporters write them: no cycle, nothing more to check
     for node in graph:
         for value in node.inputs:
             if value is None:
@@ -70,6 +72,10 @@ def check_wiring(graph: ir.Graph, path: Path) -> None:
                                  "graph input or initializer gives")
             if producer in own:
                 waiting[node] = waiting.get(node, 0) + 1
+                ordered = ordered and producer in seen
+        seen.add(node)
+    if ordered:
+        return
     ready = [node for node in graph if not waiting.get(node)]
     done = 0
     while ready:
@@ -115,6 +121,7 @@ def check_tensors(model: ir.Model, path: Path) -> None:
     (as in ONNX's own loader), and ``offset`` plus that size must not pass the end of the file.
     """
     folder = path.resolve().parent
+    sizes: dict[str, int] = {}  # external data file -> its size, each location checked once
     for what, tensor in _tensors(model):
         where = f"{path}: {what}"
         if tensor.dtype == ir.DataType.UNDEFINED:
@@ -122,7 +129,7 @@ def check_tensors(model: ir.Model, path: Path) -> None:
         if isinstance(tensor, ir.TensorProtoTensor):
             _check_inline(tensor, where)
         if isinstance(tensor, ir.ExternalTensor):
-            _check_external(tensor, where, folder)
+            _check_external(tensor, where, folder, sizes)
 
 
 def _check_inline(tensor: ir.TensorProtoTensor, where: str) -> None:
@@ -139,18 +146,20 @@ def _check_inline(tensor: ir.TensorProtoTensor, where: str) -> None:
                              f"({exc})") from None
 
 
-def _check_external(tensor: ir.ExternalTensor, where: str, folder: Path) -> None:
-    if "\0" in tensor.location:
-        raise ModelError(f"{where} has an external data location with a NUL byte: {tensor.location!r}")
-    location = Path(tensor.location)
-    target = (folder / location).resolve()
-    if location.is_absolute() or folder not in target.parents:
-        raise ModelError(f"{where} points at external data {tensor.location!r} outside the model's folder")
-    if not target.is_file():
-        raise ModelError(f"{where} needs external data file {tensor.location!r}, which is missing")
+def _check_external(tensor: ir.ExternalTensor, where: str, folder: Path, sizes: dict[str, int]) -> None:
+    if tensor.location not in sizes:
+        if "\0" in tensor.location:
+            raise ModelError(f"{where} has an external data location with a NUL byte: {tensor.location!r}")
+        location = Path(tensor.location)
+        target = (folder / location).resolve()
+        if location.is_absolute() or folder not in target.parents:
+            raise ModelError(f"{where} points at external data {tensor.location!r} outside the model's folder")
+        if not target.is_file():
+            raise ModelError(f"{where} needs external data file {tensor.location!r}, which is missing")
+        sizes[tensor.location] = target.stat().st_size
     offset, length, size = tensor.offset or 0, tensor.length, tensor.nbytes
     if offset < 0 or (length is not None and length != size):
         raise ModelError(f"{where} ({tensor.dtype.name} {list(tensor.shape)}, {size} bytes) has external data "
                          f"offset {tensor.offset} length {length} in {tensor.location!r}: the length must be {size}")
-    if offset + size > target.stat().st_size:
+    if offset + size > sizes[tensor.location]:
         raise ModelError(f"{where} reads past the end of {tensor.location!r} (truncated data file?)")
