@@ -256,3 +256,47 @@ def _quiet() -> ort.SessionOptions:
     options = ort.SessionOptions()
     options.log_severity_level = 4  # banks are graph inputs on purpose, and bad ids are meant to fail
     return options
+
+
+def test_lora_biases_ride_in_their_own_bank(exported, tmp_path, capsys):
+    """PEFT's lora_bias in mixed batches: each row adds its adapter's B bias times the scale (a [slots, out] bank
+    beside A and B); a bank file carries it; a bank without one refuses a biased adapter by key."""
+    from variants import make_variant
+
+    model, base = exported("llama")
+    configs = {"a": dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], lora_bias=True),
+               "b": dict(r=2, lora_alpha=4, target_modules=["q_proj", "o_proj"]),
+               "c": dict(r=8, lora_alpha=8, target_modules=["v_proj", "down_proj"], lora_bias=True)}
+    dirs = {}
+    for seed, (name, config) in enumerate(configs.items(), start=1):
+        make_variant(model, tmp_path / name, seed=seed, **config)
+        dirs[name] = tmp_path / name
+    out = tmp_path / "multi.onnx"
+    assert main(["rewrite", str(base), "--strategy", "multi", "-o", str(out)]
+                + [a for d in dirs.values() for a in ("--adapter", str(d))]) == 0
+    peft_model = peft_mixed(model, dirs)
+    session = Session(out)
+    ids = example_ids(batch=4, seq=6, seed=14)
+    for rows in (["a", "b", "c", None], ["c", "c", "a", "b"]):
+        assert rel_err(session.run({"input_ids": ids.numpy()}, adapters=rows)[0], reference(peft_model, ids, rows)) <= TOL
+    with torch.no_grad():  # the biases matter: PEFT without them moves
+        unbiased = copy.deepcopy(peft_model)
+        for name, param in unbiased.named_parameters():
+            if "lora_B" in name and name.endswith(".bias"):
+                param.zero_()
+    assert rel_err(reference(unbiased, ids, ["a", "b", "c", None]), reference(peft_model, ids, ["a", "b", "c", None])) > 1e-3
+
+    bank = tmp_path / "ca.onnx_adapter"
+    assert main(["export-adapter", str(dirs["c"]), str(dirs["a"]), "--model", str(out), "-o", str(bank)]) == 0
+    session.add_adapter("ca", bank, adapters=["c", "a"])
+    assert rel_err(session.run({"input_ids": ids.numpy()}, adapter="ca", adapters=["a", None, "c", "c"])[0],
+                   reference(peft_model, ids, ["a", None, "c", "c"])) <= TOL
+
+    plain = tmp_path / "plain.onnx"
+    assert main(["rewrite", str(base), "--strategy", "multi", "--adapter", str(dirs["b"]), "--adapter", str(dirs["b"]),
+                 "-o", str(plain)]) == 0
+    make_variant(model, tmp_path / "d", seed=4, r=4, lora_alpha=8, target_modules=["q_proj"], lora_bias=True)
+    capsys.readouterr()
+    assert main(["export-adapter", str(tmp_path / "d"), "--model", str(plain), "-o", str(tmp_path / "x.onnx_adapter")]) == 2
+    err = capsys.readouterr().err
+    assert "q_proj.lora_B.bias" in err and "no bias input" in err

@@ -29,7 +29,13 @@ class Kind(ABC):
     dora: ClassVar[bool] = False  # whether the merged weight is rescaled per output feature (DoRA)
     additive: ClassVar[bool] = False
     """Whether the module's whole effect is ``W + low_rank()`` at a linear site (strategies that only add a low-rank
-    branch, such as multi's banks, refuse the others: DoRA, LoRA biases, embeddings, replacements)."""
+    branch, such as a blend, refuse the others: DoRA, LoRA biases, embeddings, replacements)."""
+
+    @property
+    def additive_branch(self) -> bool:
+        """Whether the module's whole effect is a branch added to a linear's output: the low-rank delta plus, at
+        most, a LoRA bias (what multi's banks carry)."""
+        return self.additive
 
     def __init__(self, path: str, source: Path, r: int, alpha: float, scale: float,
                  replaced: dict[str, TensorRef] | None = None, saved_base: TensorRef | None = None) -> None:

@@ -38,7 +38,11 @@ class Lora(Kind):
 
     @property
     def additive(self) -> bool:
-        return self.bias is None and not self.replaced and self.saved_base is None
+        return self.bias is None and self.additive_branch
+
+    @property
+    def additive_branch(self) -> bool:
+        return not self.replaced and self.saved_base is None
 
     def own_keys(self) -> dict[str, str]:
         keys = {"lora_A": self.a.key, "lora_B": self.b.key}
@@ -82,7 +86,7 @@ class EmbeddingLora(Lora):
 
     name = "embedding lora"
     site_kinds = ("embedding",)
-    additive = False  # its branch gathers rows by the ids: no linear's x @ A @ B
+    additive = additive_branch = False  # its branch gathers rows by the ids: no linear's x @ A @ B
 
     def low_rank(self) -> tuple[np.ndarray, np.ndarray]:
         return np.ascontiguousarray(self.a.read().T), np.ascontiguousarray(self.b.read().T) * np.float32(self.scale)
@@ -93,7 +97,7 @@ class _Magnitude:
     taken in float32 over the other axis and treated as a constant; the bias is not rescaled."""
 
     dora = True
-    additive = False
+    additive = additive_branch = False
     output_axis: int  # the axis of the torch-layout weight that holds the output features
 
     def __init__(self, *args, magnitude: TensorRef, **kwargs) -> None:

@@ -105,10 +105,10 @@ def insert_banks(model: ir.Model, targets: Sequence[Sequence[Target]], names: Se
     flat = [t for adapter in targets for t in adapter]
     refuse_existing(flat)
     for t in flat:
-        if t.module is not None and not t.module.additive:
-            why = ("PEFT refuses DoRA in mixed batches too" if "dora" in t.module.name else
-                   "strategy multi banks additive low-rank deltas only (PEFT runs this per sub-batch); use strategy "
-                   "dynamic with one adapter per run")
+        if t.module is not None and not t.module.additive_branch:
+            why = ("PEFT refuses DoRA in mixed batches too" if t.module.dora else
+                   "strategy multi banks low-rank deltas and LoRA biases only (PEFT runs this per sub-batch); use "
+                   "strategy dynamic with one adapter per run")
             raise UnsupportedError(f"{t.module.source}: {t.module.key()} ({t.module.name} at {t.site.path!r}) is not "
                                    f"an additive low-rank delta; {why}")
     convs = sorted({t.site.path for t in flat if t.site.kind == "conv"})
@@ -121,7 +121,8 @@ def insert_banks(model: ir.Model, targets: Sequence[Sequence[Target]], names: Se
     for t in flat:
         by_slot[t.site.slot_path].append(t)
     for path, members in by_slot.items():
-        sites = list({t.site.path: t for t in members}.values())  # one target per module, for the inner slot
+        biased_last = sorted(members, key=lambda t: t.module is not None and t.module.lora_bias() is not None)
+        sites = list({t.site.path: t for t in biased_last}.values())  # one per module (a biased one if any)
         modules = [{t.site.path: t.module for t in adapter if t.site.slot_path == path and t.module is not None}
                    for adapter in targets]
         bank = BankSlot.around(slot_for(sites), modules, names, IDS)
