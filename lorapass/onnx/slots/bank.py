@@ -4,10 +4,10 @@ A bank stacks, for slot 0 (the base model: zeros) and then each adapter, what th
 hold for that adapter (its ``inner`` slot: a linear site's A and B, or a packed node's side-by-side A and
 block-structured B): ``p.lora_A_bank`` [slots, in, r] and ``p.lora_B_bank`` [slots, r, out], B with the scale
 folded in, zeros where an adapter does not target the site, and, where an adapter has PEFT's ``lora_bias``,
-``p.lora_bias_bank`` [slots, out] (the bias times the scale; linear sites). ``r`` is the largest rank among the adapters,
-smaller ranks padded with zeros (exact: padded columns of A meet zero rows of B). Row b of the batch gathers
-slot ``lora_ids[b]`` of the banks, ``delta[b] = (x[b] @ A[ids[b]]) @ B[ids[b]] (+ bias[ids[b]])``: PEFT's mixed-batch forward
-(``adapter_names``), one batched MatMul per side. ``slots`` and ``r`` are symbolic, so a bank of any size and
+``p.lora_bias_bank`` [slots, out] (the bias times the scale; linear sites). ``r`` is the largest rank among the
+adapters, smaller ranks padded with zeros (exact: padded columns of A meet zero rows of B). Row b of the batch
+gathers slot ``lora_ids[b]`` of the banks, ``delta[b] = (x[b] @ A[ids[b]]) @ B[ids[b]] (+ bias[ids[b]])``: PEFT's
+mixed-batch forward (``adapter_names``), one batched MatMul per side. ``slots`` and ``r`` are symbolic, so a bank of any size and
 rank can replace the default at run time (an ONNX Runtime adapter file written by ``export-adapter``).
 """
 
