@@ -9,46 +9,33 @@ from __future__ import annotations
 
 import onnx_ir as ir
 
-from lorapass.onnx.patterns import Match, fixed, standard
+from lorapass.onnx.patterns import FLOATS, Match, standard, weight_constant
 from lorapass.onnx.storage import Plain, View
 
 _SCALED = {"LayerNormalization": True, "RMSNormalization": False}  # op -> takes a bias
 
 
-def _vector(value: ir.Value | None) -> ir.Value | None:
-    source = fixed(value)
-    return source if source is not None and len(source.const_value.shape) == 1 else None
-
-
-def _scaled(node: ir.Node) -> Match | None:
-    """``Mul(x, scale)`` (either order) of a computed value and a constant 1-D float parameter."""
-    if len(node.inputs) != 2:
+def _site(node: ir.Node, x: ir.Value, scale: ir.Value, bias: ir.Value | None = None) -> Match | None:
+    """The norm site of ``node`` reading ``x``, scaled by the constant 1-D ``scale`` (and shifted by the constant 1-D
+    ``bias``, if given); None when either is computed or not a float vector."""
+    source, shift = weight_constant(scale, 1), weight_constant(bias, 1) if bias is not None else None
+    if source is None or source.const_value.dtype not in FLOATS or (bias is not None and shift is None):
         return None
-    scales = [i for i, v in enumerate(node.inputs) if _vector(v) is not None]
-    if len(scales) != 1 or node.inputs[1 - scales[0]].const_value is not None:
-        return None
-    scale = _vector(node.inputs[scales[0]])
-    if not scale.const_value.dtype.is_floating_point():
-        return None
-    store = Plain(scale, "out_in")
+    store = Plain(source, "out_in")
     dim = store.shape[0]
-    return Match(node, View(store, node), "norm", node.inputs[1 - scales[0]], node.outputs[0], None,
-                 node.inputs[scales[0]], dim, dim, store.dtype)
+    return Match(node, View(store, node), "norm", x, node.outputs[0], bias, scale, dim, dim, store.dtype,
+                 View(Plain(shift, "out_in"), node) if shift is not None else None)
 
 
 def match(node: ir.Node) -> Match | None:
-    if node.op_type == "Mul" and standard(node):
-        return _scaled(node)
-    if node.op_type not in _SCALED or not standard(node) or len(node.inputs) < 2:
+    if not standard(node) or len(node.inputs) < 2:
         return None
-    scale = _vector(node.inputs[1])
-    if scale is None:
+    if node.op_type == "Mul":  # Mul(x, scale), either order, of a computed value and a 1-D parameter
+        scales = [i for i, v in enumerate(node.inputs) if weight_constant(v, 1) is not None]
+        if len(node.inputs) != 2 or len(scales) != 1 or node.inputs[1 - scales[0]].const_value is not None:
+            return None
+        return _site(node, node.inputs[1 - scales[0]], node.inputs[scales[0]])
+    if node.op_type not in _SCALED:
         return None
     bias = node.inputs[2] if _SCALED[node.op_type] and len(node.inputs) > 2 else None
-    bias_store = _vector(bias) if bias is not None else None
-    if bias is not None and bias_store is None:  # a computed bias: not this pattern's
-        return None
-    store = Plain(scale, "out_in")
-    dim = store.shape[0]
-    return Match(node, View(store, node), "norm", node.inputs[0], node.outputs[0], bias, node.inputs[1], dim, dim,
-                 store.dtype, View(Plain(bias_store, "out_in"), node) if bias_store is not None else None)
+    return _site(node, node.inputs[0], node.inputs[1], bias)
